@@ -1,0 +1,223 @@
+"""numpy backend: a vectorised forward pass over the whole sequence, a hand-derived backward
+pass, and Adam on one flat parameter buffer. float64 and float32.
+
+This is the suite's readable reference for the maths: the MAX and Mojo backends follow its
+backward pass, and its float64 run is the reference every other backend is checked against
+(after it is itself checked against the pure-Python tape).
+
+Shapes: B batch rows, T positions, C = n_embd, H heads, D = head_dim, V vocab.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from backends.base import Backend, TokenBatch
+from bench.config import AdamStep
+
+RMS_EPS = 1e-5
+
+
+def rmsnorm(x):
+    """Returns (y, scale) with scale = (mean(x*x) + eps) ** -0.5 kept for the backward pass."""
+    scale = (np.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) ** -0.5
+    return x * scale, scale
+
+
+def rmsnorm_backward(x, scale, dy):
+    # y = x * s, s = (mean(x^2) + eps)^-1/2  =>  dx = s * dy - s^3 * x * mean(dy * x)
+    return scale * dy - (scale ** 3) * x * np.mean(dy * x, axis=-1, keepdims=True)
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    description = "numpy, vectorised forward and hand-derived backward, flat Adam buffer"
+    requires = ("numpy",)
+    supports_batches = True
+
+    def __init__(self, config, vocab_size, dtype, device=None):
+        super().__init__(config, vocab_size, dtype, device)
+        self.np_dtype = np.dtype(dtype)
+        sizes = [rows * cols for rows, cols in self.shapes.values()]
+        total = sum(sizes)
+        # One flat buffer each for parameters, gradients and Adam moments; the named arrays are
+        # views into them, so the optimizer is a handful of whole-buffer operations.
+        self.flat = np.zeros(total, dtype=self.np_dtype)
+        self.flat_grad = np.zeros(total, dtype=self.np_dtype)
+        self.adam_m = np.zeros(total, dtype=self.np_dtype)
+        self.adam_v = np.zeros(total, dtype=self.np_dtype)
+        self.scratch = np.zeros(total, dtype=self.np_dtype)
+        self.params, self.grads = {}, {}
+        offset = 0
+        for (name, shape), size in zip(self.shapes.items(), sizes):
+            self.params[name] = self.flat[offset: offset + size].reshape(shape)
+            self.grads[name] = self.flat_grad[offset: offset + size].reshape(shape)
+            offset += size
+        head_dim = config.head_dim
+        self.attention_scale = 1.0 / head_dim ** 0.5
+        block = config.block_size
+        # Additive causal mask, sliced to the step's length.
+        self.causal_mask = np.triu(np.full((block, block), -np.inf, dtype=self.np_dtype), k=1)
+        self.reset_cache()
+
+    # ---- parameters ------------------------------------------------------------------------
+    def load_parameters(self, parameters):
+        for name, value in parameters.items():
+            self.params[name][...] = value
+        self.adam_m[:] = 0
+        self.adam_v[:] = 0
+
+    def parameters(self):
+        return {name: value.astype(np.float64) for name, value in self.params.items()}
+
+    # ---- training --------------------------------------------------------------------------
+    def _forward(self, inputs):
+        """inputs: int [B, T]. Returns the logits and everything the backward pass needs."""
+        cfg, p = self.config, self.params
+        B, T = inputs.shape
+        H, D = cfg.n_head, cfg.head_dim
+        x_embed = p["wte"][inputs] + p["wpe"][:T]  # (B, T, C)
+        x, scale = rmsnorm(x_embed)
+        saved = {"inputs": inputs, "x_embed": x_embed, "embed_scale": scale, "layers": []}
+        mask = self.causal_mask[:T, :T]
+        for i in range(cfg.n_layer):
+            layer = {"x_in": x}
+            xn, layer["scale1"] = rmsnorm(x)
+            layer["xn"] = xn
+            q = (xn @ p[f"layer{i}.attn_wq"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+            k = (xn @ p[f"layer{i}.attn_wk"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+            v = (xn @ p[f"layer{i}.attn_wv"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+            scores = (q @ k.transpose(0, 1, 3, 2)) * self.attention_scale + mask  # (B, H, T, T)
+            scores -= scores.max(axis=-1, keepdims=True)
+            weights = np.exp(scores)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            heads = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, C)
+            x = heads @ p[f"layer{i}.attn_wo"].T + x
+            layer.update(q=q, k=k, v=v, weights=weights, heads=heads, x_mid=x)
+            xn2, layer["scale2"] = rmsnorm(x)
+            hidden = xn2 @ p[f"layer{i}.mlp_fc1"].T  # (B, T, 4C)
+            activated = np.maximum(hidden, 0)
+            x = activated @ p[f"layer{i}.mlp_fc2"].T + x
+            layer.update(xn2=xn2, hidden=hidden, activated=activated)
+            saved["layers"].append(layer)
+        saved["x_final"] = x
+        return x @ p["lm_head"].T, saved  # (B, T, V)
+
+    def _loss_and_backward(self, batch: TokenBatch):
+        """Loss, with the gradients written into self.grads."""
+        T = int(batch.lengths.max())
+        inputs = batch.padded[:, :T]
+        targets = batch.padded[:, 1: T + 1]
+        logits, saved = self._forward(inputs)
+        B = inputs.shape[0]
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        rows, cols = np.arange(B)[:, None], np.arange(T)[None, :]
+        target_probs = probs[rows, cols, targets]  # (B, T)
+        if B == 1 and T == batch.lengths[0]:  # the common case: no padding to mask out
+            loss = -np.log(target_probs).mean()
+            position_weight = 1.0 / T
+        else:
+            real = batch.position_mask[:, :T].astype(self.np_dtype)
+            count = real.sum()
+            loss = -(np.log(target_probs) * real).sum() / count
+            position_weight = (real / count)[:, :, None]
+        # d loss / d logits = (softmax - onehot) / n at every real position.
+        dlogits = probs
+        dlogits[rows, cols, targets] -= 1
+        dlogits *= position_weight
+        self._backward(dlogits, saved)
+        return float(loss)
+
+    def _backward(self, dlogits, saved):
+        cfg, p, g = self.config, self.params, self.grads
+        B, T, V = dlogits.shape
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+        flat = lambda a: a.reshape(B * T, a.shape[-1])  # noqa: E731  (rows of all positions)
+        g["lm_head"][...] = flat(dlogits).T @ flat(saved["x_final"])
+        dx = dlogits @ p["lm_head"]  # (B, T, C)
+        for i in reversed(range(cfg.n_layer)):
+            layer = saved["layers"][i]
+            # MLP block: x = fc2(relu(fc1(rmsnorm(x_mid)))) + x_mid
+            g[f"layer{i}.mlp_fc2"][...] = flat(dx).T @ flat(layer["activated"])
+            dhidden = (dx @ p[f"layer{i}.mlp_fc2"]) * (layer["hidden"] > 0)
+            g[f"layer{i}.mlp_fc1"][...] = flat(dhidden).T @ flat(layer["xn2"])
+            dxn2 = dhidden @ p[f"layer{i}.mlp_fc1"]
+            dx = dx + rmsnorm_backward(layer["x_mid"], layer["scale2"], dxn2)
+            # Attention block: x_mid = Wo(attention(rmsnorm(x_in))) + x_in
+            g[f"layer{i}.attn_wo"][...] = flat(dx).T @ flat(layer["heads"])
+            dheads = (dx @ p[f"layer{i}.attn_wo"]).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+            weights, q, k, v = layer["weights"], layer["q"], layer["k"], layer["v"]
+            dweights = dheads @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
+            dv = weights.transpose(0, 1, 3, 2) @ dheads
+            # softmax backward, then the 1/sqrt(D) scale of the scores
+            dscores = weights * (dweights - (dweights * weights).sum(axis=-1, keepdims=True))
+            dscores *= self.attention_scale
+            dq = dscores @ k
+            dk = dscores.transpose(0, 1, 3, 2) @ q
+            to_rows = lambda a: a.transpose(0, 2, 1, 3).reshape(B * T, C)  # noqa: E731
+            dq, dk, dv = to_rows(dq), to_rows(dk), to_rows(dv)
+            xn = flat(layer["xn"])
+            g[f"layer{i}.attn_wq"][...] = dq.T @ xn
+            g[f"layer{i}.attn_wk"][...] = dk.T @ xn
+            g[f"layer{i}.attn_wv"][...] = dv.T @ xn
+            dxn = (dq @ p[f"layer{i}.attn_wq"] + dk @ p[f"layer{i}.attn_wk"]
+                   + dv @ p[f"layer{i}.attn_wv"]).reshape(B, T, C)
+            dx = dx + rmsnorm_backward(layer["x_in"], layer["scale1"], dxn)
+        dembed = flat(rmsnorm_backward(saved["x_embed"], saved["embed_scale"], dx))
+        g["wpe"][...] = 0
+        g["wpe"][:T] = dembed.reshape(B, T, C).sum(axis=0)
+        # Scatter-add of the token embedding rows as a one-hot product (faster than np.add.at
+        # at these sizes, and deterministic).
+        one_hot = (saved["inputs"].reshape(-1)[:, None] == np.arange(V)[None, :])
+        g["wte"][...] = one_hot.T.astype(self.np_dtype) @ dembed
+
+    def loss_and_gradients(self, batch: TokenBatch):
+        """The loss and a copy of every gradient, without updating (for tests)."""
+        loss = self._loss_and_backward(batch)
+        return loss, {name: grad.astype(np.float64) for name, grad in self.grads.items()}
+
+    def train_step(self, batch, adam: AdamStep):
+        loss = self._loss_and_backward(batch)
+        cfg, g, m, v, tmp = self.config, self.flat_grad, self.adam_m, self.adam_v, self.scratch
+        m *= cfg.beta1
+        np.multiply(g, 1 - cfg.beta1, out=tmp)
+        m += tmp
+        v *= cfg.beta2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - cfg.beta2
+        v += tmp
+        # p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bc1, v_hat = v / bc2
+        np.multiply(v, 1.0 / adam.bias_correction2, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        tmp += cfg.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= adam.learning_rate / adam.bias_correction1
+        self.flat -= tmp
+        return loss
+
+    # ---- sampling --------------------------------------------------------------------------
+    def reset_cache(self):
+        self.cache_k = [[] for _ in range(self.config.n_layer)]
+        self.cache_v = [[] for _ in range(self.config.n_layer)]
+
+    def next_logits(self, token, position):
+        cfg, p = self.config, self.params
+        H, D = cfg.n_head, cfg.head_dim
+        x, _ = rmsnorm(p["wte"][token] + p["wpe"][position])  # (C,)
+        for i in range(cfg.n_layer):
+            residual = x
+            xn, _ = rmsnorm(x)
+            q = (p[f"layer{i}.attn_wq"] @ xn).reshape(H, D)
+            self.cache_k[i].append(p[f"layer{i}.attn_wk"] @ xn)
+            self.cache_v[i].append(p[f"layer{i}.attn_wv"] @ xn)
+            keys = np.stack(self.cache_k[i]).reshape(-1, H, D)  # (P, H, D)
+            values = np.stack(self.cache_v[i]).reshape(-1, H, D)
+            scores = np.einsum("hd,phd->hp", q, keys) * self.attention_scale
+            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            weights /= weights.sum(axis=-1, keepdims=True)
+            heads = np.einsum("hp,phd->hd", weights, values).reshape(-1)
+            x = p[f"layer{i}.attn_wo"] @ heads + residual
+            xn2, _ = rmsnorm(x)
+            x = p[f"layer{i}.mlp_fc2"] @ np.maximum(p[f"layer{i}.mlp_fc1"] @ xn2, 0) + x
+        return (p["lm_head"] @ x).astype(np.float64)

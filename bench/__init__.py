@@ -1,0 +1,1 @@
+"""microgpt-bench: the common spec, the runner, statistics and result files."""

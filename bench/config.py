@@ -1,0 +1,130 @@
+"""The model and training configuration of the common spec (SPEC.md), with named presets.
+
+`GPTConfig` is the one object every backend, the runner and the tests take. `tiny` is the
+spec's default (the original microgpt.py); the larger presets keep every rule of the spec and
+exist for scaling runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 1
+    n_embd: int = 16
+    n_head: int = 4
+    block_size: int = 16
+    batch_size: int = 1  # documents per step; 1 is the original program (SPEC.md, "Beyond")
+    num_steps: int = 1000
+    learning_rate: float = 0.01
+    beta1: float = 0.85
+    beta2: float = 0.99
+    eps: float = 1e-8
+    init_std: float = 0.08
+    seed: int = 42
+    temperature: float = 0.5
+    num_samples: int = 20
+
+    def __post_init__(self):
+        positive_ints = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "num_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_samples < 0:
+            raise ConfigError(f"num_samples must be >= 0, got {self.num_samples!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("learning_rate", "init_std", "temperature", "eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def num_parameters(self, vocab_size: int) -> int:
+        return sum(rows * cols for _, (rows, cols) in parameter_shapes(self, vocab_size))
+
+
+# Width, depth and context grow together; `tiny` is SPEC.md's default.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(),
+    "small": GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=32),
+    "medium": GPTConfig(n_layer=4, n_embd=64, n_head=4, block_size=64),
+    "large": GPTConfig(n_layer=6, n_embd=128, n_head=8, block_size=64),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """The named preset with some fields replaced (e.g. num_steps)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown config preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return PRESETS[name].replace(**overrides)
+    except TypeError as error:  # an unknown field name
+        raise ConfigError(str(error)) from None
+
+
+def parameter_shapes(config: GPTConfig, vocab_size: int) -> list[tuple[str, tuple[int, int]]]:
+    """Parameter names and [out, in] shapes in the spec's draw order."""
+    d = config.n_embd
+    shapes = [
+        ("wte", (vocab_size, d)),
+        ("wpe", (config.block_size, d)),
+        ("lm_head", (vocab_size, d)),
+    ]
+    for i in range(config.n_layer):
+        shapes += [
+            (f"layer{i}.attn_wq", (d, d)),
+            (f"layer{i}.attn_wk", (d, d)),
+            (f"layer{i}.attn_wv", (d, d)),
+            (f"layer{i}.attn_wo", (d, d)),
+            (f"layer{i}.mlp_fc1", (4 * d, d)),
+            (f"layer{i}.mlp_fc2", (d, 4 * d)),
+        ]
+    return shapes
+
+
+@dataclass(frozen=True)
+class AdamStep:
+    """The scalars of one Adam update, computed once in float64 by the runner so that every
+    backend applies exactly the same learning rate and bias corrections."""
+    step: int
+    learning_rate: float  # lr_s = lr * (1 - s / num_steps)
+    bias_correction1: float  # 1 - beta1 ** (s + 1)
+    bias_correction2: float  # 1 - beta2 ** (s + 1)
+
+
+def adam_step(config: GPTConfig, step: int) -> AdamStep:
+    return AdamStep(
+        step=step,
+        learning_rate=config.learning_rate * (1 - step / config.num_steps),
+        bias_correction1=1 - config.beta1 ** (step + 1),
+        bias_correction2=1 - config.beta2 ** (step + 1),
+    )

@@ -1,0 +1,105 @@
+"""The training and sampling loops every backend runs under, with the clock around them.
+
+The runner owns these loops so that every backend is timed the same way: token batches and Adam
+scalars are prepared before the clock starts; each timed step is `train_step` (which returns the
+loss on the host) followed by `sync`, so queued device work cannot leak into the next step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from backends.base import Backend, TokenBatch
+from bench.config import adam_step
+from bench.spec import SpecInstance
+
+
+@dataclass
+class TrainingRun:
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    stopped_reason: str | None = None  # set when training stopped early (NaN, divergence)
+
+
+@dataclass
+class SamplingRun:
+    samples: list[str]
+    tokens: int
+    total_seconds: float
+
+
+# A loss this far above the initial ln(vocab) means the run diverged; stop rather than spend
+# the timeout on garbage.
+DIVERGENCE_FACTOR = 10.0
+
+
+def prepare_batches(spec: SpecInstance, steps: int) -> list[TokenBatch]:
+    bos, block = spec.tokenizer.bos, spec.config.block_size
+    return [TokenBatch.from_sequences(spec.step_sequences(step), block, bos)
+            for step in range(steps)]
+
+
+def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
+          on_step=None) -> TrainingRun:
+    """Run `steps` (default: the config's num_steps) timed training steps from the backend's
+    current state. `on_step(step, loss)` is called outside the timed region."""
+    steps = spec.config.num_steps if steps is None else steps
+    batches = prepare_batches(spec, steps)
+    adam = [adam_step(spec.config, step) for step in range(steps)]
+    diverged_above = DIVERGENCE_FACTOR * math.log(spec.tokenizer.vocab_size)
+    run = TrainingRun()
+    clock = time.perf_counter
+    for step in range(steps):
+        start = clock()
+        loss = backend.train_step(batches[step], adam[step])
+        backend.sync()
+        elapsed = clock() - start
+        run.losses.append(loss)
+        run.step_seconds.append(elapsed)
+        if on_step is not None:
+            on_step(step, loss)
+        if not math.isfinite(loss):
+            run.stopped_reason = f"loss is {loss} at step {step + 1}"
+            break
+        if loss > diverged_above:
+            run.stopped_reason = f"diverged: loss {loss:.4g} at step {step + 1}"
+            break
+    return run
+
+
+def softmax_probabilities(logits, temperature: float) -> list[float]:
+    """softmax(logits / temperature) in float64 on the host, in the original program's order of
+    operations (max subtracted, exp, sum left to right, divide), so that samples drawn from the
+    same generator state agree with it."""
+    # The original divides as x * t**-1 (its Value.__truediv__); keep that exact form.
+    inverse_temperature = temperature ** -1
+    scaled = [float(value) * inverse_temperature for value in logits]
+    top = max(scaled)
+    exps = [math.exp(value - top) for value in scaled]
+    inverse_total = sum(exps) ** -1
+    return [value * inverse_total for value in exps]
+
+
+def sample(backend: Backend, spec: SpecInstance, num_samples: int | None = None) -> SamplingRun:
+    """Draw names from the spec's generator stream (SPEC.md, "Sampling"), timing the whole."""
+    cfg, tokenizer = spec.config, spec.tokenizer
+    num_samples = cfg.num_samples if num_samples is None else num_samples
+    rng = spec.sampling_rng()
+    vocab = range(tokenizer.vocab_size)
+    samples, tokens = [], 0
+    start = time.perf_counter()
+    for _ in range(num_samples):
+        backend.reset_cache()
+        token, chars = tokenizer.bos, []
+        for position in range(cfg.block_size):
+            logits = backend.next_logits(token, position)
+            tokens += 1
+            probs = softmax_probabilities(logits, cfg.temperature)
+            token = rng.choices(vocab, weights=probs)[0]
+            if token == tokenizer.bos:
+                break
+            chars.append(tokenizer.chars[token])
+        samples.append("".join(chars))
+    backend.sync()
+    return SamplingRun(samples=samples, tokens=tokens, total_seconds=time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""The names dataset, verified and cached (see dataset.py)."""
