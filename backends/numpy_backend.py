@@ -19,13 +19,16 @@ RMS_EPS = 1e-5
 
 def rmsnorm(x):
     """Returns (y, scale) with scale = (mean(x*x) + eps) ** -0.5 kept for the backward pass."""
-    scale = (np.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) ** -0.5
+    # sum * (1/C) rather than np.mean: same value, a fraction of np.mean's Python overhead.
+    mean_square = np.einsum("...c,...c->...", x, x)[..., None] * (1.0 / x.shape[-1])
+    scale = (mean_square + RMS_EPS) ** -0.5
     return x * scale, scale
 
 
 def rmsnorm_backward(x, scale, dy):
     # y = x * s, s = (mean(x^2) + eps)^-1/2  =>  dx = s * dy - s^3 * x * mean(dy * x)
-    return scale * dy - (scale ** 3) * x * np.mean(dy * x, axis=-1, keepdims=True)
+    projection = np.einsum("...c,...c->...", dy, x)[..., None] * (scale ** 3 / x.shape[-1])
+    return scale * dy - x * projection
 
 
 class NumpyBackend(Backend):
@@ -46,12 +49,15 @@ class NumpyBackend(Backend):
         self.adam_m = np.zeros(total, dtype=self.np_dtype)
         self.adam_v = np.zeros(total, dtype=self.np_dtype)
         self.scratch = np.zeros(total, dtype=self.np_dtype)
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.offsets = {}, {}, {}
         offset = 0
         for (name, shape), size in zip(self.shapes.items(), sizes):
             self.params[name] = self.flat[offset: offset + size].reshape(shape)
             self.grads[name] = self.flat_grad[offset: offset + size].reshape(shape)
+            self.offsets[name] = offset
             offset += size
+        self._views = {}
+        self.identity_vocab = np.eye(vocab_size, dtype=self.np_dtype)
         head_dim = config.head_dim
         self.attention_scale = 1.0 / head_dim ** 0.5
         block = config.block_size
@@ -70,37 +76,48 @@ class NumpyBackend(Backend):
         return {name: value.astype(np.float64) for name, value in self.params.items()}
 
     # ---- training --------------------------------------------------------------------------
+    def _layer_views(self, i):
+        """Per-layer weights and gradients. wq, wk, wv are adjacent in the flat buffer (draw
+        order), so one [3C, C] view serves q, k and v as a single matrix product."""
+        if i not in self._views:
+            C = self.config.n_embd
+            start = self.offsets[f"layer{i}.attn_wq"]
+            self._views[i] = (self.flat[start: start + 3 * C * C].reshape(3 * C, C),
+                              self.flat_grad[start: start + 3 * C * C].reshape(3 * C, C))
+        return self._views[i]
+
     def _forward(self, inputs):
-        """inputs: int [B, T]. Returns the logits and everything the backward pass needs."""
+        """inputs: int [B, T]. Returns the logits [B, T, V] and what the backward pass needs.
+        Linear layers work on rows [B*T, C]; attention on [B, H, T, D]."""
         cfg, p = self.config, self.params
         B, T = inputs.shape
-        H, D = cfg.n_head, cfg.head_dim
-        x_embed = p["wte"][inputs] + p["wpe"][:T]  # (B, T, C)
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+        x_embed = (p["wte"][inputs] + p["wpe"][:T]).reshape(B * T, C)
         x, scale = rmsnorm(x_embed)
         saved = {"inputs": inputs, "x_embed": x_embed, "embed_scale": scale, "layers": []}
         mask = self.causal_mask[:T, :T]
         for i in range(cfg.n_layer):
-            layer = {"x_in": x}
-            xn, layer["scale1"] = rmsnorm(x)
-            layer["xn"] = xn
-            q = (xn @ p[f"layer{i}.attn_wq"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-            k = (xn @ p[f"layer{i}.attn_wk"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-            v = (xn @ p[f"layer{i}.attn_wv"].T).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-            scores = (q @ k.transpose(0, 1, 3, 2)) * self.attention_scale + mask  # (B, H, T, T)
+            w_qkv, _ = self._layer_views(i)
+            xn, scale1 = rmsnorm(x)
+            qkv = (xn @ w_qkv.T).reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3,B,H,T,D)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            scores = q @ k.swapaxes(-1, -2)  # (B, H, T, T)
+            scores *= self.attention_scale
+            scores += mask
             scores -= scores.max(axis=-1, keepdims=True)
-            weights = np.exp(scores)
+            weights = np.exp(scores, out=scores)
             weights /= weights.sum(axis=-1, keepdims=True)
-            heads = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, C)
-            x = heads @ p[f"layer{i}.attn_wo"].T + x
-            layer.update(q=q, k=k, v=v, weights=weights, heads=heads, x_mid=x)
-            xn2, layer["scale2"] = rmsnorm(x)
-            hidden = xn2 @ p[f"layer{i}.mlp_fc1"].T  # (B, T, 4C)
+            heads = (weights @ v).transpose(0, 2, 1, 3).reshape(B * T, C)
+            x_mid = heads @ p[f"layer{i}.attn_wo"].T + x
+            xn2, scale2 = rmsnorm(x_mid)
+            hidden = xn2 @ p[f"layer{i}.mlp_fc1"].T  # (B*T, 4C)
             activated = np.maximum(hidden, 0)
-            x = activated @ p[f"layer{i}.mlp_fc2"].T + x
-            layer.update(xn2=xn2, hidden=hidden, activated=activated)
-            saved["layers"].append(layer)
+            x_out = activated @ p[f"layer{i}.mlp_fc2"].T + x_mid
+            saved["layers"].append((x, scale1, xn, q, k, v, weights, heads, x_mid, scale2,
+                                    xn2, hidden, activated))
+            x = x_out
         saved["x_final"] = x
-        return x @ p["lm_head"].T, saved  # (B, T, V)
+        return (x @ p["lm_head"].T).reshape(B, T, -1), saved
 
     def _loss_and_backward(self, batch: TokenBatch):
         """Loss, with the gradients written into self.grads."""
@@ -109,13 +126,13 @@ class NumpyBackend(Backend):
         targets = batch.padded[:, 1: T + 1]
         logits, saved = self._forward(inputs)
         B = inputs.shape[0]
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        probs = np.exp(logits)
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits, out=logits)
         probs /= probs.sum(axis=-1, keepdims=True)
         rows, cols = np.arange(B)[:, None], np.arange(T)[None, :]
         target_probs = probs[rows, cols, targets]  # (B, T)
-        if B == 1 and T == batch.lengths[0]:  # the common case: no padding to mask out
-            loss = -np.log(target_probs).mean()
+        if B == 1:  # one unpadded row, the original program's case
+            loss = -np.log(target_probs).sum() / T
             position_weight = 1.0 / T
         else:
             real = batch.position_mask[:, :T].astype(self.np_dtype)
@@ -126,51 +143,47 @@ class NumpyBackend(Backend):
         dlogits = probs
         dlogits[rows, cols, targets] -= 1
         dlogits *= position_weight
-        self._backward(dlogits, saved)
+        self._backward(dlogits.reshape(B * T, -1), saved, B, T)
         return float(loss)
 
-    def _backward(self, dlogits, saved):
+    def _backward(self, dlogits, saved, B, T):
+        """dlogits: [B*T, V]. Writes every gradient into self.grads (views of flat_grad)."""
         cfg, p, g = self.config, self.params, self.grads
-        B, T, V = dlogits.shape
         C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
-        flat = lambda a: a.reshape(B * T, a.shape[-1])  # noqa: E731  (rows of all positions)
-        g["lm_head"][...] = flat(dlogits).T @ flat(saved["x_final"])
-        dx = dlogits @ p["lm_head"]  # (B, T, C)
+        np.matmul(dlogits.T, saved["x_final"], out=g["lm_head"])
+        dx = dlogits @ p["lm_head"]  # (B*T, C)
         for i in reversed(range(cfg.n_layer)):
-            layer = saved["layers"][i]
-            # MLP block: x = fc2(relu(fc1(rmsnorm(x_mid)))) + x_mid
-            g[f"layer{i}.mlp_fc2"][...] = flat(dx).T @ flat(layer["activated"])
-            dhidden = (dx @ p[f"layer{i}.mlp_fc2"]) * (layer["hidden"] > 0)
-            g[f"layer{i}.mlp_fc1"][...] = flat(dhidden).T @ flat(layer["xn2"])
-            dxn2 = dhidden @ p[f"layer{i}.mlp_fc1"]
-            dx = dx + rmsnorm_backward(layer["x_mid"], layer["scale2"], dxn2)
+            (x_in, scale1, xn, q, k, v, weights, heads, x_mid, scale2, xn2, hidden,
+             activated) = saved["layers"][i]
+            w_qkv, g_qkv = self._layer_views(i)
+            # MLP block: x_out = fc2(relu(fc1(rmsnorm(x_mid)))) + x_mid
+            np.matmul(dx.T, activated, out=g[f"layer{i}.mlp_fc2"])
+            dhidden = dx @ p[f"layer{i}.mlp_fc2"]
+            dhidden *= hidden > 0
+            np.matmul(dhidden.T, xn2, out=g[f"layer{i}.mlp_fc1"])
+            dx = dx + rmsnorm_backward(x_mid, scale2, dhidden @ p[f"layer{i}.mlp_fc1"])
             # Attention block: x_mid = Wo(attention(rmsnorm(x_in))) + x_in
-            g[f"layer{i}.attn_wo"][...] = flat(dx).T @ flat(layer["heads"])
+            np.matmul(dx.T, heads, out=g[f"layer{i}.attn_wo"])
             dheads = (dx @ p[f"layer{i}.attn_wo"]).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-            weights, q, k, v = layer["weights"], layer["q"], layer["k"], layer["v"]
-            dweights = dheads @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
-            dv = weights.transpose(0, 1, 3, 2) @ dheads
+            dweights = dheads @ v.swapaxes(-1, -2)  # (B, H, T, T)
+            dqkv = np.empty((3, B, H, T, D), dtype=self.np_dtype)
+            np.matmul(weights.swapaxes(-1, -2), dheads, out=dqkv[2])  # dv
             # softmax backward, then the 1/sqrt(D) scale of the scores
-            dscores = weights * (dweights - (dweights * weights).sum(axis=-1, keepdims=True))
-            dscores *= self.attention_scale
-            dq = dscores @ k
-            dk = dscores.transpose(0, 1, 3, 2) @ q
-            to_rows = lambda a: a.transpose(0, 2, 1, 3).reshape(B * T, C)  # noqa: E731
-            dq, dk, dv = to_rows(dq), to_rows(dk), to_rows(dv)
-            xn = flat(layer["xn"])
-            g[f"layer{i}.attn_wq"][...] = dq.T @ xn
-            g[f"layer{i}.attn_wk"][...] = dk.T @ xn
-            g[f"layer{i}.attn_wv"][...] = dv.T @ xn
-            dxn = (dq @ p[f"layer{i}.attn_wq"] + dk @ p[f"layer{i}.attn_wk"]
-                   + dv @ p[f"layer{i}.attn_wv"]).reshape(B, T, C)
-            dx = dx + rmsnorm_backward(layer["x_in"], layer["scale1"], dxn)
-        dembed = flat(rmsnorm_backward(saved["x_embed"], saved["embed_scale"], dx))
-        g["wpe"][...] = 0
+            dweights -= (dweights * weights).sum(axis=-1, keepdims=True)
+            dweights *= weights
+            dweights *= self.attention_scale
+            np.matmul(dweights, k, out=dqkv[0])  # dq
+            np.matmul(dweights.swapaxes(-1, -2), q, out=dqkv[1])  # dk
+            dqkv_rows = dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
+            np.matmul(dqkv_rows.T, xn, out=g_qkv)
+            dx = dx + rmsnorm_backward(x_in, scale1, dqkv_rows @ w_qkv)
+        dembed = rmsnorm_backward(saved["x_embed"], saved["embed_scale"], dx)
+        g["wpe"][T:] = 0
         g["wpe"][:T] = dembed.reshape(B, T, C).sum(axis=0)
         # Scatter-add of the token embedding rows as a one-hot product (faster than np.add.at
         # at these sizes, and deterministic).
-        one_hot = (saved["inputs"].reshape(-1)[:, None] == np.arange(V)[None, :])
-        g["wte"][...] = one_hot.T.astype(self.np_dtype) @ dembed
+        one_hot = self.identity_vocab[saved["inputs"].reshape(-1)]  # (B*T, V)
+        np.matmul(one_hot.T, dembed, out=g["wte"])
 
     def loss_and_gradients(self, batch: TokenBatch):
         """The loss and a copy of every gradient, without updating (for tests)."""
