@@ -1,16 +1,32 @@
-"""The command line: `python bench.py [options]` runs backends; `python bench.py compare|report|
-sweep ...` are the tools built on result files (their own modules).
+"""The command line: `python bench.py [options]` runs backends (and --external programs);
+`python bench.py compare|report|sweep ...` are the tools built on result files (their own
+modules).
 
-Exit codes of a benchmark run: 0 every run passed (status ok); 1 a run failed (crash, timeout,
-parity mismatch, divergence, or a backend named explicitly that cannot run here); 2 bad usage
-or input (unknown backend, invalid config, unusable dataset, result file exists); 130 Ctrl-C
-(the result file then holds every run that finished).
+Exit codes of a benchmark run:
+  0    every run passed: status ok, or "different init" for an --external program that runs
+       sanely from its own initialisation (timed, not verifiable); a backend that cannot run
+       here with the requested dtype/device is reported but fails nothing unless it was named
+       with --backend.
+  1    a run failed; the result file records it with the reason: crashed (signal or exit
+       code), out-of-memory, timeout, error (the backend raised; an external program printed
+       nothing parseable), parity-failed, diverged (NaN or runaway loss), or unavailable for a
+       backend named explicitly with --backend (missing package, no such device, dtype not
+       supported: these need the backend's own import, so they are found by running it).
+  2    bad usage or input, found before anything runs and nothing is written: an unknown
+       backend, an invalid config (--config nope, --steps 0), an unusable dataset (missing,
+       truncated or corrupt: its sha256 is checked), a result file that exists (pass
+       --overwrite), a malformed --external option or a command that does not exist.
+  130  Ctrl-C: the result file (always valid JSON: written atomically after every run) holds
+       every run that finished and the one that was stopped, with its steps so far.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -22,13 +38,18 @@ from backends.base import DTYPES
 from bench import results
 from bench.config import PRESETS, ConfigError, preset
 from bench.environment import collect_environment
+from bench.external import (STATUS_DIFFERENT_INIT, ExternalSpecError, parse_external_option,
+                            run_external)
 from bench.parity import reference_losses
-from bench.runner import Interrupted, RunRequest, run_backend
+from bench.runner import STATUS_OK, STATUS_UNAVAILABLE, Interrupted, RunRequest, run_backend
 from bench.spec import build_spec
 from bench.stats import summarize_runs
+from bench.worker import register_extra_backends
 from data.dataset import DATASET_ENV_VAR, DatasetError, load_dataset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Statuses that do not fail a run of the suite (see the exit codes above).
+PASSING_STATUSES = (STATUS_OK, STATUS_DIFFERENT_INIT)
 SUBCOMMANDS = {"compare": "bench.compare", "report": "bench.report", "sweep": "bench.sweep"}
 
 
@@ -49,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(see `bench.py SUBCOMMAND --help`).")
     parser.add_argument("--backend", action="append", metavar="NAME", default=[],
                         help=f"run this backend (repeatable); one of: {', '.join(REGISTRY)}")
+    parser.add_argument("--external", action="append", metavar="NAME='COMMAND ...'", default=[],
+                        help="also run this program outside the suite (repeatable): it must "
+                             "print `step K / N | loss X` lines like the original microgpt.py; "
+                             "its losses are checked against the reference and its wall time "
+                             "/ N (process start and setup included) is its ms/step")
     parser.add_argument("--all", action="store_true",
                         help="run every backend available here (including the slow python)")
     parser.add_argument("--list", action="store_true",
@@ -71,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=None, metavar="N",
                         help="names to sample after training (default 20)")
     parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="kill a backend run after this long (default 1800)")
+                        help="kill a backend run or --external program after this long "
+                             "(default 1800)")
     parser.add_argument("--memory-limit", type=int, default=None, metavar="MB",
-                        help="address-space limit for each backend process")
+                        help="address-space (virtual memory) limit for each backend process "
+                             "and --external program; a run that exceeds it is reported as "
+                             "out-of-memory")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="result file (default: a new timestamped file under results/); "
                              "a Markdown table is written beside it")
@@ -92,15 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
     try:
+        try:
+            register_extra_backends()  # the test hook; a no-op unless its variable is set
+        except ValueError as error:  # a malformed MICROGPT_BENCH_EXTRA_BACKENDS
+            raise UsageError(str(error)) from None
         if argv and argv[0] in SUBCOMMANDS:
             import importlib
             return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return run_command(build_parser().parse_args(argv), argv)
-    except (UsageError, ConfigError, DatasetError, results.ResultFileError) as error:
+    except (UsageError, ConfigError, DatasetError, ExternalSpecError,
+            results.ResultFileError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside a run (runs save what they measured themselves)
+        console.print("[yellow]Interrupted.[/yellow]")
+        return EXIT_INTERRUPTED
 
 
 def list_backends() -> int:
@@ -146,92 +183,204 @@ def plan_runs(names: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def run_command(args, argv: list[str]) -> int:
-    if args.list:
-        return list_backends()
+def parse_externals(options: list[str]) -> list:
+    externals, taken = [], set(REGISTRY)
+    for option in options:
+        external = parse_external_option(option, taken)
+        taken.add(external.name)
+        externals.append(external)
+    return externals
+
+
+def check_arguments(args) -> None:
     if args.repeat < 1:
         raise UsageError("--repeat must be >= 1")
     if args.warmup < 0:
         raise UsageError("--warmup must be >= 0")
     if args.timeout <= 0:
         raise UsageError("--timeout must be > 0")
-    config = preset(args.config, num_steps=args.steps, batch_size=args.batch_size)
-    names = select_backends(args)
-    if not names:
-        raise UsageError("no backend can run here; see `python bench.py --list`")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise UsageError(f"{args.json} exists; choose another --json path or pass --overwrite")
+    if args.samples is not None and args.samples < 0:
+        raise UsageError("--samples must be >= 0")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise UsageError("--memory-limit must be > 0 (MB)")
+    if args.json is not None:
+        if args.json.is_dir():
+            raise UsageError(f"--json {args.json} is a directory; give a file name")
+        if not args.overwrite:
+            for path in (args.json, args.json.with_suffix(".md")):
+                if path.exists():
+                    raise UsageError(f"{path} exists; choose another --json path or pass "
+                                     f"--overwrite")
 
-    console = Console(stderr=True)
+
+def claim_result_path(args, document: dict, directory: Path = results.RESULTS_DIR) -> Path:
+    """Write the empty document to the result path before the first run, so that a path that
+    cannot be written is a usage error and never costs a run. A default path (a new name under
+    `directory`) is created exclusively: an earlier result is never overwritten, and two runs
+    started in the same second never share a file."""
+    if args.json is not None:
+        path = args.json
+    else:
+        while True:
+            path = results.default_result_path(document["environment"], directory)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "x"):
+                    break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise UsageError(f"cannot create a result file in {path.parent}: {error}")
+    try:
+        results.save(document, path)
+    except OSError as error:
+        raise UsageError(f"cannot write the result file {path}: {error}") from None
+    return path
+
+
+@contextlib.contextmanager
+def sigint_deferred(final: bool = False):
+    """Ctrl-C during a save takes effect after it (or, for the final save, is ignored), so a
+    save is never cut short and the run just measured is never lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and not final:
+        raise KeyboardInterrupt
+
+
+def run_command(args, argv: list[str]) -> int:
+    if args.list:
+        return list_backends()
+    check_arguments(args)
+    config = preset(args.config, num_steps=args.steps, batch_size=args.batch_size)
+    externals = parse_externals(args.external)
+    names = select_backends(args)
+    if not names and not externals:
+        raise UsageError("no backend can run here; see `python bench.py --list`")
+
+    console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
     dataset = load_dataset(args.dataset, args.custom_dataset)
     spec = build_spec(dataset.docs, config)
     console.print(f"Reference: numpy float64, {config.num_steps} steps ...", highlight=False)
     reference = reference_losses(spec, config.num_steps, dataset.sha256)
 
+    def reference_for(num_steps: int, steps: int) -> list[float]:
+        """An external program's N sets its learning-rate schedule: its own reference."""
+        if num_steps == config.num_steps:
+            return reference[:steps]
+        other = build_spec(dataset.docs, config.replace(num_steps=num_steps))
+        return reference_losses(other, steps, dataset.sha256)
+
     environment = collect_environment()
     document = results.new_document(environment, ["bench.py", *argv])
     document["dataset"] = dataset.describe()
-    path = args.json or results.default_result_path(environment)
-    pairs = plan_runs(names, args.dtype)
+    path = claim_result_path(args, document)
+    plan = [("backend", pair) for pair in plan_runs(names, args.dtype)]
+    plan += [("external", external) for external in externals]
     order_rng = random.Random(args.seed)
-    exit_code = EXIT_OK
+    round_index = 0
     try:
         for round_index in range(args.repeat):
-            round_pairs = list(pairs)
+            round_plan = list(plan)
             if round_index > 0:  # interleave: a slow phase of the machine hits every backend
-                order_rng.shuffle(round_pairs)
-            for backend, dtype in round_pairs:
-                request = RunRequest(
-                    backend=backend, dtype=dtype, config=config, steps=config.num_steps,
-                    device=args.device, warmup_steps=args.warmup, num_samples=args.samples,
-                    dataset_path=args.dataset, custom_dataset=args.custom_dataset,
-                    timeout_s=args.timeout, memory_limit_mb=args.memory_limit)
-                label = f"{backend} {dtype}" + (f" #{round_index + 1}" if args.repeat > 1 else "")
-                record = _run_with_progress(request, reference, label, console, args.quiet)
+                order_rng.shuffle(round_plan)
+            for kind, item in round_plan:
+                suffix = f" #{round_index + 1}" if args.repeat > 1 else ""
+                if kind == "backend":
+                    backend, dtype = item
+                    request = RunRequest(
+                        backend=backend, dtype=dtype, config=config, steps=config.num_steps,
+                        device=args.device, warmup_steps=args.warmup, num_samples=args.samples,
+                        dataset_path=args.dataset, custom_dataset=args.custom_dataset,
+                        timeout_s=args.timeout, memory_limit_mb=args.memory_limit)
+                    label = f"{backend} {dtype}{suffix}"
+                    record = _run_with_progress(
+                        lambda on_event: run_backend(request, reference, on_event),
+                        label, config.num_steps, console, args.quiet)
+                else:
+                    label = f"{item.name} (external){suffix}"
+                    record = _run_with_progress(
+                        lambda on_event: run_external(
+                            item, config=config, vocab_size=spec.tokenizer.vocab_size,
+                            reference_for=reference_for, timeout_s=args.timeout,
+                            memory_limit_mb=args.memory_limit, on_event=on_event),
+                        label, None, console, args.quiet)
                 record["repeat"] = round_index
                 document["runs"].append(record)
-                results.save(document, path)
+                with sigint_deferred():
+                    results.save(document, path)
                 _print_run_line(console, label, record)
-    except Interrupted as interrupt:
-        interrupt.record["repeat"] = round_index
-        document["runs"].append(interrupt.record)
-        results.save(document, path)
-        console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}")
+    except (Interrupted, KeyboardInterrupt) as interrupt:
+        if isinstance(interrupt, Interrupted):
+            interrupt.record["repeat"] = round_index
+            document["runs"].append(interrupt.record)
+        with sigint_deferred(final=True):
+            results.save(document, path)
+        console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}",
+                      highlight=False)
         return EXIT_INTERRUPTED
     document["complete"] = True
-    results.save(document, path)
+    with sigint_deferred(final=True):
+        results.save(document, path)
     print_summary(document)
     console.print(f"Results: {path} and {path.with_suffix('.md')}", highlight=False)
-    if any(run["status"] != "ok" for run in document["runs"]):
-        exit_code = EXIT_FAILED
-    return exit_code
+    return exit_code_of(document["runs"], explicit=set(args.backend))
 
 
-def _run_with_progress(request: RunRequest, reference, label: str, console: Console,
+def exit_code_of(runs: list[dict], explicit: set[str]) -> int:
+    """EXIT_FAILED when a run failed; an unavailable backend fails only if named explicitly."""
+    for run in runs:
+        if run["status"] in PASSING_STATUSES:
+            continue
+        if run["status"] == STATUS_UNAVAILABLE and run["backend"] not in explicit:
+            continue
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_with_progress(start_run, label: str, total: int | None, console: Console,
                        quiet: bool) -> dict:
+    """`start_run(on_event)` runs one backend or program; a live bar shows its steps on a
+    terminal."""
     if quiet or not console.is_terminal:
-        return run_backend(request, reference)
+        return start_run(None)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task(f"{label}: setup", total=request.steps, detail="")
+        task = progress.add_task(f"{label}: setup" if total else f"{label}: running",
+                                 total=total, detail="")
 
         def on_event(event):
             if event["event"] == "phase":
                 progress.update(task, description=f"{label}: {event['phase']}")
             elif event["event"] == "losses":
+                if event.get("total"):
+                    progress.update(task, total=event["total"])
                 progress.advance(task, len(event["losses"]))
                 progress.update(task, detail=f"loss {event['losses'][-1]:.4f}")
-        return run_backend(request, reference, on_event)
+        return start_run(on_event)
 
 
 def _print_run_line(console: Console, label: str, record: dict) -> None:
     train = record.get("train", {})
-    if record["status"] == "ok":
-        console.print(f"  {label}: ok, {train['ms_per_step_median']:.4f} ms/step, "
-                      f"final loss {train['losses'][-1]:.4f}", highlight=False)
+    timing = ""
+    if record["status"] in PASSING_STATUSES and train.get("ms_per_step_median") is not None:
+        timing = f"{train['ms_per_step_median']:.4f} ms/step, final loss {train['losses'][-1]:.4f}"
+        if record.get("kind") == "external":
+            timing += " (wall time / steps)"
+    if record["status"] == STATUS_OK:
+        console.print(f"  {label}: ok, {timing}", highlight=False)
     else:
-        console.print(f"  {label}: [red]{record['status']}[/red]: {record.get('error', '')}",
+        colour = "yellow" if record["status"] in PASSING_STATUSES else "red"
+        console.print(f"  {label}: [{colour}]{record['status']}[/{colour}]: "
+                      f"{record.get('error', '')}" + (f"; {timing}" if timing else ""),
                       highlight=False)
 
 
@@ -263,7 +412,20 @@ def print_summary(document: dict) -> None:
                 cells.append(f"[red]{text}[/red]" if title == "status" and text != "ok"
                              else text)
         table.add_row(*cells)
-    _stdout_console().print(table)
+    console = _stdout_console()
+    console.print(table)
+    # The reason of every run that did not pass, one line each, under the table.
+    repeated = any(run.get("repeat") for run in document["runs"])
+    for run in document["runs"]:
+        if run["status"] != STATUS_OK:
+            repeat = f" #{run.get('repeat', 0) + 1}" if repeated else ""
+            console.print(f"  {run['backend']} ({run.get('dtype')}){repeat}: {run['status']}: "
+                          f"{run.get('error', '')}", highlight=False, markup=False,
+                          soft_wrap=True)
+    if any(run.get("kind") == "external" for run in document["runs"]):
+        console.print("  External programs: ms/step = wall time of the whole process / steps "
+                      "(includes process start and the program's own setup).",
+                      highlight=False, soft_wrap=True)
 
 
 def _stdout_console() -> Console:

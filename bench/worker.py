@@ -2,8 +2,12 @@
 
 The runner starts this in a fresh interpreter for every backend run, so a crash, a hang or a
 leak in one framework cannot touch another's results, and import and compile costs are paid (and
-measured) per run. Progress goes to stdout as lines starting with EVENT_PREFIX; the result is
-written atomically to RESULT.json at the end. Phases, each timed apart:
+measured) per run. Progress goes to stdout as lines starting with EVENT_PREFIX (the phase, and
+the losses every EVENT_INTERVAL_S); every step's loss also goes at once into the runner's loss
+log (LossLog: shared memory, so a worker that crashes or is killed loses none of the steps it
+finished). The result is written atomically to RESULT.json at the end, also when the backend
+raised (then with status "error", the phase it failed in and the losses so far). Phases, each
+timed apart:
 
   setup    import the backend module, load and verify the dataset, build the spec, construct
            the backend and load the initial parameters
@@ -12,17 +16,57 @@ written atomically to RESULT.json at the end. Phases, each timed apart:
            starts from the spec's state with warm caches)
   train    the timed steps (bench.training.train)
   sample   the timed sampling
+
+Test hook: EXTRA_BACKENDS_ENV_VAR (MICROGPT_BENCH_EXTRA_BACKENDS="name=module:Class,...") adds
+backends to the registry of this process and of the CLI, left out of a plain run. The fault
+tests use it to run deliberately broken backends (tests/fault_backends.py) through the real
+runner without shipping fault code in the real backends.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import statistics
+import struct
 import sys
 import time
 import traceback
 
 EVENT_PREFIX = "@@microgpt-bench "
+EXTRA_BACKENDS_ENV_VAR = "MICROGPT_BENCH_EXTRA_BACKENDS"
+# Progress events while training are sent at most this often: one per step (a pipe write that
+# wakes the runner) slowed numpy's median step by ~8% on a busy 2-core machine.
+EVENT_INTERVAL_S = 0.2
+
+
+class LossLog:
+    """The timed run's losses in a file the runner created, through shared memory: a step's
+    loss is a store into the page cache, no system call, and it survives the worker being
+    killed at any point. Layout: int64 count, then float64 losses (little-endian)."""
+
+    def __init__(self, path: str, capacity: int):
+        import mmap
+        with open(path, "r+b") as handle:
+            handle.truncate(8 * (capacity + 1))
+            self.memory = mmap.mmap(handle.fileno(), 8 * (capacity + 1))
+
+    def append(self, index: int, loss: float) -> None:
+        struct.pack_into("<d", self.memory, 8 * (index + 1), loss)
+        struct.pack_into("<q", self.memory, 0, index + 1)  # after the loss it counts
+
+
+def read_loss_log(path: str) -> list[float]:
+    """The losses a worker logged (empty if it logged none)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return []
+    if len(data) < 8:
+        return []
+    count = min(struct.unpack_from("<q", data, 0)[0], len(data) // 8 - 1)
+    return list(struct.unpack_from(f"<{count}d", data, 8)) if count > 0 else []
 
 
 def emit(event: str, **fields) -> None:
@@ -35,6 +79,24 @@ def write_json_atomically(path: str, document: dict) -> None:
     with open(temporary, "w") as handle:
         json.dump(document, handle)
     os.replace(temporary, path)
+
+
+def register_extra_backends(environ=os.environ) -> list[str]:
+    """Add the backends named in EXTRA_BACKENDS_ENV_VAR to the registry (test hook); returns
+    their names. A malformed entry raises ValueError naming it."""
+    spec = environ.get(EXTRA_BACKENDS_ENV_VAR, "").strip()
+    if not spec:
+        return []
+    from backends import REGISTRY, BackendEntry
+    names = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, target = item.partition("=")
+        module, _, class_name = target.partition(":")
+        if not (name and module and class_name):
+            raise ValueError(f"{EXTRA_BACKENDS_ENV_VAR}: {item!r} is not name=module:Class")
+        REGISTRY[name] = BackendEntry(name, module, class_name, in_default_run=False)
+        names.append(name)
+    return names
 
 
 def step_statistics(step_seconds: list[float]) -> dict:
@@ -59,13 +121,32 @@ def step_statistics(step_seconds: list[float]) -> dict:
     }
 
 
-def run(request: dict) -> dict:
-    result = {key: request[key] for key in ("backend", "dtype", "steps")}
-    result["config"] = request["config"]
-    result["status"] = "error"
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: message` on one line; a message of many lines (numpy's ImportError advice) keeps
+    its first and last, which say what and why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ... ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+    text = type(error).__name__ + (f": {message}" if message else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def new_result(request: dict) -> dict:
+    result = {key: request.get(key) for key in ("backend", "dtype", "steps", "config")}
+    result.update(status="error", phase="setup")
+    return result
+
+
+def _enter_phase(result: dict, phase: str, **fields) -> None:
+    result["phase"] = phase  # where a failure happened, if one does
+    emit("phase", phase=phase, **fields)
+
+
+def run(request: dict, result: dict) -> dict:
+    """Fill `result` as the run goes, so that whatever is in it when the backend raises (the
+    phase, the losses so far) is reported."""
     clock = time.perf_counter
 
-    emit("phase", phase="setup")
+    _enter_phase(result, "setup")
     start = clock()
     from backends import BackendUnavailable, get_backend_class
     from bench.config import GPTConfig
@@ -73,6 +154,7 @@ def run(request: dict) -> dict:
     from bench.training import sample, train
     from data.dataset import load_dataset
 
+    register_extra_backends()
     backend_class = get_backend_class(request["backend"])
     availability = backend_class.availability()
     if not availability.available:
@@ -101,7 +183,7 @@ def run(request: dict) -> dict:
     result["framework_versions"] = backend_class.framework_versions()
     result["setup"] = {"import_s": import_s, "data_s": data_s, "init_s": init_s}
 
-    emit("phase", phase="compile")
+    _enter_phase(result, "compile", device=backend.device)
     start = clock()
     compile_parts = backend.prepare()
     backend.sync()
@@ -110,7 +192,7 @@ def run(request: dict) -> dict:
 
     warmup_steps = min(request.get("warmup_steps", 0), request["steps"])
     if warmup_steps:
-        emit("phase", phase="warmup", steps=warmup_steps)
+        _enter_phase(result, "warmup", steps=warmup_steps)
         start = clock()
         train(backend, spec, warmup_steps)
         backend.load_parameters(spec.parameters)
@@ -118,27 +200,40 @@ def run(request: dict) -> dict:
         result["setup"]["warmup_s"] = clock() - start
         result["setup"]["warmup_steps"] = warmup_steps
 
-    emit("phase", phase="train", steps=request["steps"])
-    report_every = max(1, request["steps"] // 50)
-    pending = []
+    _enter_phase(result, "train", steps=request["steps"])
+    # Losses so far, kept here so that a backend raising mid-run still reports them, and in the
+    # runner's loss log so that a worker that dies keeps them too.
+    partial = result["train"] = {"losses": [], "steps_completed": 0}
+    loss_log = LossLog(request["loss_log"], request["steps"]) if request.get(
+        "loss_log") else None
+    pending, last_event = [], [0.0]
 
     def on_step(step, loss):
+        # Outside the timed region, and cheap: a store into shared memory per step; progress
+        # events (a pipe write that wakes the runner) at most every EVENT_INTERVAL_S.
+        partial["losses"].append(loss)
+        partial["steps_completed"] = step + 1
+        if loss_log is not None:
+            loss_log.append(step, loss)
         pending.append(loss)
-        if len(pending) >= report_every or step + 1 == request["steps"]:
+        now = clock()
+        if now - last_event[0] >= EVENT_INTERVAL_S or step + 1 == request["steps"]:
             emit("losses", first_step=step + 1 - len(pending), losses=list(pending))
             pending.clear()
+            last_event[0] = now
 
     training = train(backend, spec, request["steps"], on_step=on_step)
-    if pending:
+    if pending:  # a run that stopped early (NaN, divergence)
         emit("losses", first_step=len(training.losses) - len(pending), losses=list(pending))
     result["train"] = {"losses": training.losses, "step_seconds": training.step_seconds,
                        "steps_completed": len(training.losses), **step_statistics(
                            training.step_seconds)}
     if training.stopped_reason:
-        result.update(status="diverged", error=training.stopped_reason)
+        reason = training.stopped_reason.removeprefix("diverged: ")  # the status says it
+        result.update(status="diverged", error=reason)
         return result
 
-    emit("phase", phase="sample")
+    _enter_phase(result, "sample")
     sampling = sample(backend, spec, request.get("num_samples"))
     result["infer"] = {
         "samples": sampling.samples, "tokens": sampling.tokens, "total_s": sampling.total_seconds,
@@ -147,18 +242,24 @@ def run(request: dict) -> dict:
     result["details"] = backend.details()
     result["dataset"] = dataset.describe()
     result["status"] = "ok"
+    result.pop("phase")
     return result
 
 
 def main(argv: list[str]) -> int:
+    # A segfault or abort in native code then leaves the Python stack on stderr, which the
+    # runner keeps as the reason.
+    faulthandler.enable()
     request_path, result_path = argv
     with open(request_path) as handle:
         request = json.load(handle)
+    result = new_result(request)
     try:
-        result = run(request)
+        run(request, result)
     except Exception as error:  # reported to the runner as this run's failure, with context
-        result = {key: request.get(key) for key in ("backend", "dtype", "steps", "config")}
-        result.update(status="error", error=f"{type(error).__name__}: {error}",
+        steps = (result.get("train") or {}).get("steps_completed")
+        where = f"during {result['phase']}" + (f" after {steps} steps" if steps else "")
+        result.update(status="error", error=f"{one_line(error)} ({where})",
                       traceback=traceback.format_exc()[-4000:])
     write_json_atomically(result_path, result)
     emit("done", status=result["status"])

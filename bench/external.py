@@ -1,0 +1,272 @@
+"""Programs outside the suite, in the same table: `bench.py --external NAME='COMMAND ...'`.
+
+An external implementation (the original microgpt.py, a port to another language, a C
+program) is run as a command (split like a shell would, but run without one unless the command
+is itself `sh -c '...'`), in the caller's working directory, under the same timeout and memory
+limit as the backends, and read the way a person reads the original program's output:
+
+  step    1 / 1000 | loss 3.3660        (lines may end in \\r, as the original prints them)
+  sample  1: kamon                     (optional)
+
+The losses are checked against the suite's float64 reference for the same number of steps N
+(taken from the lines, so the program's own learning-rate schedule is the reference's) and the
+suite's --config model. The tolerance is the rounding of the printed number (half a unit in
+its last printed digit: 5e-5 for 4 decimals) plus the float32 slack of bench.parity (1e-4), so
+1.5e-4 for the original's format. Verdicts:
+
+  ok               every printed loss matches
+  different init   the first printed loss does not match but the run is sane (finite, learning):
+                   a port with its own initialisation or data order; timed, not verified
+  parity-failed    the first loss matches but later ones drift (or nothing matches and the loss
+                   does not decrease)
+  diverged         a NaN/inf loss, or one far above ln(vocab)
+
+Timing: the program's wall time divided by N, so ms/step INCLUDES process start, imports, data
+loading and the program's own setup and sampling (whatever it prints about its own timing is
+ignored). For a short run that overhead dominates; compare externals with each other, or use
+many steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+from bench.parity import LOSS_TOLERANCE
+from bench.runner import (STATUS_DIVERGED, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_OK,
+                          STATUS_PARITY_FAILED, Interrupted, failure_of, supervise)
+from bench.training import DIVERGENCE_FACTOR
+
+STATUS_DIFFERENT_INIT = "different init"
+KIND = "external"
+DEVICE = "external"
+DTYPE = "unknown"  # the suite cannot know what precision a program computes in
+# On top of the print rounding: the float32 tolerance, since the program may compute in float32.
+PRECISION_SLACK = LOSS_TOLERANCE["float32"]
+TIMING_NOTE = ("wall time of the whole process / N steps: includes process start, imports, "
+               "data loading, setup and sampling")
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
+STEP_LINE = re.compile(rf"\bstep\s+(\d+)\s*/\s*(\d+)\s*\|\s*loss\s*:?\s*({_NUMBER})",
+                       re.IGNORECASE)
+SAMPLE_LINE = re.compile(r"^\s*sample\s+(\d+)\s*:\s?(.*?)\s*$", re.IGNORECASE)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class ExternalSpecError(ValueError):
+    """A malformed --external option or a command that does not exist (a usage error)."""
+
+
+@dataclass(frozen=True)
+class ExternalCommand:
+    name: str
+    argv: list[str]
+
+
+def parse_external_option(text: str, taken_names=()) -> ExternalCommand:
+    """`NAME=COMMAND ...` -> ExternalCommand; raises ExternalSpecError with the fix."""
+    name, separator, command = text.partition("=")
+    name = name.strip()
+    if not separator or not command.strip():
+        raise ExternalSpecError(f"--external {text!r}: expected NAME='COMMAND ...', e.g. "
+                                f"--external microgpt='python microgpt.py'")
+    if not NAME_PATTERN.match(name):
+        raise ExternalSpecError(f"--external {text!r}: the name {name!r} must be letters, "
+                                f"digits and . _ + - (it becomes the table's backend column)")
+    if name in taken_names:
+        raise ExternalSpecError(f"--external {name}: the name is already used by a backend "
+                                f"or another --external; choose another")
+    try:
+        argv = shlex.split(command)
+    except ValueError as error:
+        raise ExternalSpecError(f"--external {name}: cannot split the command ({error})") from None
+    if shutil.which(argv[0]) is None:
+        raise ExternalSpecError(f"--external {name}: command {argv[0]!r} not found (not on PATH "
+                                f"and not an executable file)")
+    return ExternalCommand(name, argv)
+
+
+# ---- reading the output ------------------------------------------------------------------
+@dataclass
+class StepLoss:
+    step: int  # 1-based, as printed
+    loss: float
+    half_unit: float  # half a unit in the last printed digit: the print rounding
+
+
+@dataclass
+class ParsedOutput:
+    steps: dict[int, StepLoss] = field(default_factory=dict)
+    totals: set[int] = field(default_factory=set)  # the N of every step line
+    samples: dict[int, str] = field(default_factory=dict)
+
+    def feed(self, line: str) -> StepLoss | bool:
+        """Read one line; returns the StepLoss of a step line, True for a sample line and
+        False for anything else."""
+        match = STEP_LINE.search(line)
+        if match:
+            step, total, text = int(match[1]), int(match[2]), match[3]
+            self.totals.add(total)
+            self.steps[step] = StepLoss(step, float(text), _half_unit(text))
+            return self.steps[step]
+        match = SAMPLE_LINE.match(line)
+        if match:
+            self.samples[int(match[1])] = match[2]
+            return True
+        return False
+
+    @property
+    def ordered(self) -> list[StepLoss]:
+        return [self.steps[step] for step in sorted(self.steps)]
+
+
+def _half_unit(text: str) -> float:
+    try:
+        exponent = Decimal(text).as_tuple().exponent
+    except InvalidOperation:
+        return 0.0
+    return 0.5 * 10.0 ** exponent if isinstance(exponent, int) else 0.0
+
+
+# ---- the verdict -------------------------------------------------------------------------
+def judge(printed: list[StepLoss], reference: list[float], vocab_size: int) -> tuple[str, str,
+                                                                                        dict]:
+    """(status, message, parity dict) for the printed losses against the reference losses
+    (reference[k - 1] is step k's)."""
+    diverged_above = DIVERGENCE_FACTOR * math.log(vocab_size)
+    for entry in printed:
+        if not math.isfinite(entry.loss):
+            return STATUS_DIVERGED, f"loss is {entry.loss} at step {entry.step}", {}
+        if entry.loss > diverged_above:
+            return STATUS_DIVERGED, f"loss {entry.loss:.4g} at step {entry.step}", {}
+    diffs = [abs(entry.loss - reference[entry.step - 1]) for entry in printed]
+    tolerances = [entry.half_unit + PRECISION_SLACK for entry in printed]
+    failing = [i for i, (diff, tol) in enumerate(zip(diffs, tolerances)) if diff > tol]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    first = printed[0]
+    tolerance_text = (f"tolerance {tolerances[worst]:.3g} = {printed[worst].half_unit:g} print "
+                      f"rounding + {PRECISION_SLACK:g} float32 slack")
+    parity = {"passed": not failing, "max_abs_diff": diffs[worst],
+              "worst_step": printed[worst].step, "tolerance": tolerances[worst],
+              "steps_compared": len(printed), "reference": "numpy float64",
+              "first_failing_step": printed[failing[0]].step if failing else None}
+    if not failing:
+        message = (f"matches the float64 reference over {len(printed)} printed steps: max |diff| "
+                   f"{diffs[worst]:.3g} at step {printed[worst].step} ({tolerance_text})")
+        return STATUS_OK, _with_message(parity, message), parity
+    if failing[0] != 0:
+        bad = printed[failing[0]]
+        message = (f"step {first.step} matches the float64 reference but step {bad.step} does "
+                   f"not: loss {bad.loss} vs {reference[bad.step - 1]:.6f} (|diff| "
+                   f"{diffs[failing[0]]:.3g}); max |diff| {diffs[worst]:.3g} at step "
+                   f"{printed[worst].step} ({tolerance_text})")
+        return STATUS_PARITY_FAILED, _with_message(parity, message), parity
+    start = f"step {first.step} loss {first.loss} is not the reference's " \
+            f"{reference[first.step - 1]:.4f} (|diff| {diffs[0]:.3g})"
+    learning, trend = _learns([entry.loss for entry in printed])
+    if learning:
+        message = (f"{start}: another initialisation or data order; the run is sane ({trend}), "
+                   f"so it is timed, but its losses cannot be checked")
+        return STATUS_DIFFERENT_INIT, _with_message(parity, message), parity
+    message = f"{start}, and the loss does not decrease ({trend})"
+    return STATUS_PARITY_FAILED, _with_message(parity, message), parity
+
+
+def _with_message(parity: dict, message: str) -> str:
+    parity["message"] = message
+    return message
+
+
+def _learns(losses: list[float]) -> tuple[bool, str]:
+    """Whether the loss goes down: the mean of the last quarter of the printed losses below the
+    mean of the first quarter. Too few lines to tell counts as learning."""
+    if len(losses) < 8:
+        return True, f"{len(losses)} printed losses, too few to see a trend"
+    quarter = len(losses) // 4
+    early, late = statistics.fmean(losses[:quarter]), statistics.fmean(losses[-quarter:])
+    return late < early, f"mean loss {early:.3f} over the first quarter, {late:.3f} over the last"
+
+
+# ---- one external run --------------------------------------------------------------------
+def run_external(external: ExternalCommand, *, config, vocab_size: int, reference_for,
+                 timeout_s: float, memory_limit_mb: int | None = None, on_event=None) -> dict:
+    """Run the program once and return its run record (never raises for a failure of the
+    program; raises Interrupted on Ctrl-C after stopping it). `reference_for(num_steps, steps)`
+    gives the reference losses of the first `steps` steps of a `num_steps`-step run."""
+    on_event = on_event or (lambda event: None)
+    parsed = ParsedOutput()
+
+    def on_line(line: str) -> bool:
+        found = parsed.feed(line)
+        if isinstance(found, StepLoss):
+            on_event({"event": "losses", "losses": [found.loss], "total": max(parsed.totals)})
+        return bool(found)
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a Python program then prints as it goes
+    outcome = supervise(external.argv, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
+                        env=env, on_stdout_line=on_line)
+    printed = parsed.ordered
+    total = max(parsed.totals) if parsed.totals else None
+    record = {
+        "backend": external.name, "kind": KIND, "command": external.argv, "device": DEVICE,
+        "dtype": DTYPE, "config": (config.replace(num_steps=total) if total else config).to_dict(),
+        "steps": total, "status": STATUS_ERROR, "returncode": outcome.returncode,
+        "wall_s": outcome.wall_s,
+        "train": {"losses": [entry.loss for entry in printed],
+                  "loss_steps": [entry.step for entry in printed],
+                  "steps_completed": printed[-1].step if printed else 0},
+        "stdout_tail": outcome.stdout_tail, "stderr_tail": outcome.stderr_tail,
+    }
+    if parsed.samples:
+        record["infer"] = {"samples": [parsed.samples[k] for k in sorted(parsed.samples)]}
+    problem = _output_problem(external.name, printed, parsed.totals, outcome.stdout_tail)
+    verdict = None
+    if printed and not problem:
+        reference = reference_for(total, printed[-1].step)
+        verdict = judge(printed, reference, vocab_size)
+        if verdict[2]:  # kept for failed runs too, as a diagnosis
+            record["parity"] = verdict[2]
+
+    where = external.name + (f" after printing step {printed[-1].step} of {total}"
+                             if printed else "")
+    if outcome.interrupted:
+        record.update(status=STATUS_INTERRUPTED, error=f"interrupted by the user (Ctrl-C), {where}")
+        raise Interrupted(record)
+    if outcome.returncode != 0 or outcome.timed_out:
+        status, message = failure_of(outcome, timeout_s, memory_limit_mb, where)
+        record.update(status=status, error=message)
+        return record
+    if problem:
+        record["error"] = problem
+        return record
+    status, message, _ = verdict
+    record["status"] = status
+    if status != STATUS_OK:
+        record["error"] = message
+    if status in (STATUS_OK, STATUS_DIFFERENT_INIT, STATUS_PARITY_FAILED):
+        # The same fields as a backend's per-step figures, so it sits in the same table.
+        ms_per_step = 1e3 * outcome.wall_s / total
+        record["train"].update(ms_per_step_median=ms_per_step, ms_per_step_mean=ms_per_step,
+                               total_s=outcome.wall_s, timing=TIMING_NOTE)
+    return record
+
+
+def _output_problem(name: str, printed: list[StepLoss], totals: set[int],
+                    stdout_tail: list[str]) -> str | None:
+    """Why the output cannot be checked at all, or None."""
+    if not printed:
+        last = next((line for line in reversed(stdout_tail) if line.strip()), "")
+        return (f"{name} printed no `step K / N | loss X` lines"
+                + (f"; its last output line: {last.strip()[:200]!r}" if last
+                   else " (its output was empty)"))
+    if len(totals) > 1:
+        return f"{name} printed step lines with different totals N: {sorted(totals)}"
+    if printed[0].step < 1 or printed[-1].step > max(totals):
+        return (f"{name} printed step numbers outside 1..N: steps {printed[0].step}.."
+                f"{printed[-1].step} of {max(totals)}")
+    return None
