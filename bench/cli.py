@@ -43,14 +43,15 @@ from bench.external import (STATUS_DIFFERENT_INIT, ExternalSpecError, parse_exte
 from bench.parity import reference_losses
 from bench.runner import STATUS_OK, STATUS_UNAVAILABLE, Interrupted, RunRequest, run_backend
 from bench.spec import build_spec
-from bench.stats import summarize_runs
+from bench.stats import summarize_runs, summary_notes
 from bench.worker import register_extra_backends
 from data.dataset import DATASET_ENV_VAR, DatasetError, load_dataset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Statuses that do not fail a run of the suite (see the exit codes above).
 PASSING_STATUSES = (STATUS_OK, STATUS_DIFFERENT_INIT)
-SUBCOMMANDS = {"compare": "bench.compare", "report": "bench.report", "sweep": "bench.sweep"}
+SUBCOMMANDS = {"compare": "bench.compare", "report": "bench.report", "sweep": "bench.sweep",
+               "abtest": "bench.abtest"}
 
 
 class UsageError(Exception):
@@ -388,7 +389,7 @@ def print_summary(document: dict) -> None:
     rows = summarize_runs(document["runs"])
     table = Table(title="microgpt-bench: training (median ms per step) and sampling")
     columns = [("backend", None), ("device", None), ("dtype", None), ("status", None),
-               ("ms/step", "ms_per_step_median"), ("IQR", "ms_per_step_iqr"),
+               ("ms/step", "ms_per_step_median"), ("95% CI", "ci"), ("IQR", "ms_per_step_iqr"),
                ("first ms", "first_step_ms"), ("total s", "total_s"),
                ("compile s", "compile_s"), ("vs slowest", "speedup_vs_slowest"),
                ("vs numpy", "speedup_vs_numpy"), ("final loss", "final_loss"),
@@ -401,7 +402,7 @@ def print_summary(document: dict) -> None:
     for row in rows:
         cells = []
         for title, field in columns:
-            value = row.get(field or title)
+            value = results.format_ci(row) if field == "ci" else row.get(field or title)
             if value is None:
                 cells.append("-")
             elif field in formats:
@@ -414,6 +415,8 @@ def print_summary(document: dict) -> None:
         table.add_row(*cells)
     console = _stdout_console()
     console.print(table)
+    for note in summary_notes(rows):
+        console.print(f"  [yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
     # The reason of every run that did not pass, one line each, under the table.
     repeated = any(run.get("repeat") for run in document["runs"])
     for run in document["runs"]:

@@ -13,9 +13,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Variables that change how many threads a framework uses or where it runs. torch takes its
+# intra-op thread count from OMP_NUM_THREADS / MKL_NUM_THREADS; the torch backend records the
+# resulting torch.get_num_threads() in its own details (the environment never imports torch).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "XLA_FLAGS",
-                    "MLX_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "OMP_PROC_BIND",
+                    "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY", "MKL_DYNAMIC",
+                    "TORCH_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS", "MLX_NUM_THREADS",
+                    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
 
 
 def cpu_model() -> str:
@@ -72,6 +77,46 @@ def nvidia_gpus() -> list[dict]:
     return gpus
 
 
+def cpu_affinity() -> str | None:
+    """The CPUs this process may run on, as ranges ("0-3,6"): shows taskset pinning."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    ranges, start = [], None
+    for index, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if index + 1 == len(cpus) or cpus[index + 1] != cpu + 1:
+            ranges.append(str(start) if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(ranges)
+
+
+def cpu_frequency_governor() -> str | None:
+    """Linux cpufreq governor ("performance" gives steadier timings than "powersave")."""
+    try:
+        return Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor").read_text().strip()
+    except OSError:
+        return None
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages when the run started: a busy machine is a noisy one."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def apple_gpus() -> list[dict]:
+    """The integrated GPU of Apple silicon (Metal; its 'driver' is the macOS version)."""
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return []
+    return [{"name": f"Apple GPU ({cpu_model()})", "driver": f"macOS {platform.mac_ver()[0]}",
+             "memory": "unified"}]
+
+
 def git_state() -> dict:
     def git(*args):
         result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -98,14 +143,16 @@ def collect_environment() -> dict:
     """Everything about this machine and checkout that a result depends on. Framework versions
     are added per run by the backends themselves (see runner)."""
     cpu, cores, memory = cpu_model(), usable_cores(), memory_bytes()
-    gpus = nvidia_gpus()
+    gpus = nvidia_gpus() + apple_gpus()
     uname = platform.uname()
     return {
         "machine_fingerprint": machine_fingerprint(cpu, cores, memory, uname.system,
                                                    uname.machine, gpus),
         "hostname": uname.node,
         "cpu": {"model": cpu, "usable_cores": cores, "logical_cores": os.cpu_count(),
-                "architecture": uname.machine},
+                "architecture": uname.machine, "affinity": cpu_affinity(),
+                "frequency_governor": cpu_frequency_governor()},
+        "load_average": load_average(),
         "memory_bytes": memory,
         "accelerators": gpus,
         "os": {"system": uname.system, "release": uname.release,

@@ -24,6 +24,15 @@ from bench.spec import SpecInstance
 # of steps).
 LOSS_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 
+# At larger configs Adam amplifies float32 rounding until float32 and float64 training part ways
+# (numpy float32 leaves 1e-4 of float64 at step ~60 of `small` and ~20 of `medium`). There a
+# float32 backend may differ from the float64 reference by as much as float32 itself does, with
+# a safety factor: its tolerance at step s is 1e-4 + FLOAT32_DRIFT_FACTOR * d(s), where d(s) is
+# the largest |numpy float32 - numpy float64| over steps 1..s. d is ~1e-6 at `tiny`, so the
+# tolerance stays 1e-4 there; early steps stay tight at every size, which is where a wrong
+# gradient shows.
+FLOAT32_DRIFT_FACTOR = 10.0
+
 REFERENCE_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache" / "reference"
 
 
@@ -43,25 +52,48 @@ class ParityResult:
                 "message": self.message}
 
 
+class ReferenceLosses(list):
+    """The numpy float64 losses, one per step, plus `float32_drift`: the running maximum of
+    |numpy float32 - numpy float64| per step (what float32 rounding alone does at this config)."""
+
+    def __init__(self, losses, float32_drift):
+        super().__init__(losses)
+        self.float32_drift = list(float32_drift)
+
+    def tolerances(self, dtype: str, steps: int) -> list[float]:
+        if dtype == "float32":
+            return [LOSS_TOLERANCE["float32"] + FLOAT32_DRIFT_FACTOR * drift
+                    for drift in self.float32_drift[:steps]]
+        return [LOSS_TOLERANCE[dtype]] * steps
+
+
 def tolerance_for(dtype: str) -> float:
     return LOSS_TOLERANCE[dtype]
 
 
 def compare_losses(losses: list[float], reference: list[float], dtype: str) -> ParityResult:
-    tolerance = tolerance_for(dtype)
+    """Check every step's loss against the reference; with a ReferenceLosses, float32 gets the
+    per-step drift allowance described above."""
+    if isinstance(reference, ReferenceLosses):
+        tolerances = reference.tolerances(dtype, len(losses))
+    else:
+        tolerances = [tolerance_for(dtype)] * len(losses)
     if not losses:
-        return ParityResult(False, math.inf, 0, tolerance, 0, "no losses to compare")
+        return ParityResult(False, math.inf, 0, tolerances[0] if tolerances else 0.0, 0,
+                            "no losses to compare")
     if len(losses) > len(reference):
-        return ParityResult(False, math.inf, 0, tolerance, 0,
+        return ParityResult(False, math.inf, 0, tolerances[0], 0,
                             f"{len(losses)} losses but only {len(reference)} reference steps")
     diffs = [abs(loss - expected) if math.isfinite(loss) else math.inf
              for loss, expected in zip(losses, reference)]
-    worst_step = max(range(len(diffs)), key=diffs.__getitem__)
-    worst = diffs[worst_step]
-    passed = worst <= tolerance
+    # The worst step is the one that exceeds its own tolerance the most.
+    worst_step = max(range(len(diffs)), key=lambda step: diffs[step] / tolerances[step])
+    worst, tolerance = diffs[worst_step], tolerances[worst_step]
+    passed = all(diff <= limit for diff, limit in zip(diffs, tolerances))
     verdict = "matches" if passed else "DOES NOT MATCH"
     message = (f"{verdict} the float64 reference over {len(losses)} steps: max |diff| "
-               f"{worst:.3g} at step {worst_step + 1} (tolerance {tolerance:g} for {dtype})")
+               f"{max(diffs):.3g}; worst against its tolerance at step {worst_step + 1} "
+               f"(|diff| {worst:.3g}, tolerance {tolerance:.3g} for {dtype})")
     return ParityResult(passed, worst, worst_step + 1, tolerance, len(losses), message)
 
 
@@ -71,22 +103,36 @@ def _cache_key(spec: SpecInstance, steps: int, dataset_sha256: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
+def _numpy_losses(spec: SpecInstance, steps: int, dtype: str) -> list[float]:
+    from backends.numpy_backend import NumpyBackend
+    from bench.training import train
+    backend = NumpyBackend(spec.config, spec.tokenizer.vocab_size, dtype)
+    backend.load_parameters(spec.parameters)
+    return train(backend, spec, steps).losses
+
+
 def reference_losses(spec: SpecInstance, steps: int, dataset_sha256: str,
-                     cache_dir: Path = REFERENCE_CACHE_DIR) -> list[float]:
-    """The numpy float64 losses of `steps` steps at the spec's config (cached)."""
+                     cache_dir: Path = REFERENCE_CACHE_DIR) -> ReferenceLosses:
+    """The numpy float64 losses of `steps` steps at the spec's config, with the float32 drift
+    (cached per config, steps and dataset)."""
     path = cache_dir / f"{_cache_key(spec, steps, dataset_sha256)}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())["losses"]
+            cached = json.loads(path.read_text())
+            return ReferenceLosses(cached["losses"], cached["float32_drift"])
         except (ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed below
-    from backends.numpy_backend import NumpyBackend
-    from bench.training import train
-    backend = NumpyBackend(spec.config, spec.tokenizer.vocab_size, "float64")
-    backend.load_parameters(spec.parameters)
-    losses = train(backend, spec, steps).losses
+            pass  # a damaged or older cache entry is recomputed below
+    losses = _numpy_losses(spec, steps, "float64")
+    drift, worst = [], 0.0
+    for loss32, loss64 in zip(_numpy_losses(spec, steps, "float32"), losses):
+        difference = abs(loss32 - loss64)
+        # A float32 run that stopped early (inf) leaves the allowance at its last finite value.
+        worst = max(worst, difference) if math.isfinite(difference) else worst
+        drift.append(worst)
+    drift += [worst] * (len(losses) - len(drift))
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".tmp") as handle:
-        json.dump({"config": spec.config.to_dict(), "steps": steps, "losses": losses}, handle)
+        json.dump({"config": spec.config.to_dict(), "steps": steps, "losses": losses,
+                   "float32_drift": drift}, handle)
     os.replace(handle.name, path)
-    return losses
+    return ReferenceLosses(losses, drift)

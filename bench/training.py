@@ -30,8 +30,10 @@ class SamplingRun:
 
 
 # A loss this far above the initial ln(vocab) means the run diverged; stop rather than spend
-# the timeout on garbage.
-DIVERGENCE_FACTOR = 10.0
+# the timeout on garbage. Generous on purpose: the spec's model at the `large` preset spikes to
+# ~36 ln(vocab) around step 6 and then recovers (that is the spec's honest behaviour, not a
+# fault), while a real runaway ends in inf/NaN.
+DIVERGENCE_FACTOR = 100.0
 
 
 def prepare_batches(spec: SpecInstance, steps: int) -> list[TokenBatch]:

@@ -185,7 +185,11 @@ def run(request: dict, result: dict) -> dict:
 
     _enter_phase(result, "compile", device=backend.device)
     start = clock()
-    compile_parts = backend.prepare()
+    try:
+        compile_parts = backend.prepare()
+    except BackendUnavailable as error:  # e.g. a compiler the backend needs is missing
+        result.update(status="unavailable", error=str(error))
+        return result
     backend.sync()
     result["setup"]["compile_s"] = clock() - start
     result["setup"]["compile_parts"] = compile_parts

@@ -274,8 +274,8 @@ def test_judge_tolerance_is_print_rounding_plus_float32_slack():
     assert judge(just_inside, reference, 27)[0] == "ok"
     just_outside = [StepLoss(1, 3.0, 5e-5), StepLoss(2, 2.9 + tolerance * 1.01, 5e-5)]
     assert judge(just_outside, reference, 27)[0] == "parity-failed"
-    runaway = [StepLoss(1, 3.0, 5e-5), StepLoss(2, 50.0, 5e-5)]
-    assert judge(runaway, reference, 27)[:2] == ("diverged", "loss 50 at step 2")
+    runaway = [StepLoss(1, 3.0, 5e-5), StepLoss(2, 5000.0, 5e-5)]
+    assert judge(runaway, reference, 27)[:2] == ("diverged", "loss 5000 at step 2")
 
 
 def test_external_lines_in_the_markdown_report(external_run):

@@ -1,0 +1,381 @@
+"""`python bench.py sweep`: how each backend scales with model size and batch size, within a
+time budget.
+
+Runs the presets (bench.config.PRESETS: tiny, small, medium, large) at batch sizes 1, 8 and 32
+(batch sizes above 1 only for backends whose class has supports_batches) for the chosen
+backends, cheapest configuration first (by estimated FLOPs per step). Every run is a normal
+benchmark run (bench.runner.run_backend: its own process, parity-checked against the numpy
+float64 reference of the same config and steps) with fewer steps than the default (200).
+
+The budget: before each run the sweep projects its wall time from the same backend's run of
+the previous preset at the same batch size (else its latest run), scaled by the ratio of
+estimated FLOPs: setup and compile are taken as they were, training and sampling time grow with
+the FLOPs (an upper bound for backends whose small configs are dominated by per-step
+overhead). A run whose projection exceeds the time left is skipped and listed with its
+projection; a run that still overruns is stopped at the end of the budget and listed the same
+way. The float64 reference of each configuration is projected and skipped the same way.
+
+Writes results/sweep/<time>-<host>.json (a normal result file, each run tagged with "sweep":
+preset, batch size, parameters, FLOPs; the skipped runs under document["sweep"]["skipped"]),
+its Markdown table, and <same name>-scaling.png: ms per step against parameter count per
+backend, one panel per batch size (log-log), where crossovers show.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends import REGISTRY, availability, get_backend_class
+from bench import results
+from bench.config import PRESETS, ConfigError, GPTConfig, preset
+from bench.environment import collect_environment
+from bench.parity import reference_losses
+from bench.runner import STATUS_OK, STATUS_TIMEOUT, Interrupted, RunRequest, run_backend
+from bench.spec import build_spec
+from data.dataset import DatasetError, load_dataset
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_STEPS = 200
+DEFAULT_BUDGET_S = 900.0
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+SWEEP_DIR = results.RESULTS_DIR / "sweep"
+# Slow reference backends are only swept when named.
+SLOW_BACKENDS = {name for name, entry in REGISTRY.items() if not entry.in_default_run}
+
+
+class SweepError(Exception):
+    """A user error: one line, exit code 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SweepError(message)
+
+
+# ---- cost model ----------------------------------------------------------------------------
+def forward_flops_per_token(config: GPTConfig, vocab_size: int) -> float:
+    """Multiply-adds x 2 of one token's forward pass: the matrices of every layer (q, k, v, o:
+    4 d^2; MLP: 8 d^2), the language-model head, and attention over up to block_size keys."""
+    d = config.n_embd
+    matrices = config.n_layer * 12 * d * d + vocab_size * d
+    attention = config.n_layer * 2 * config.block_size * d  # scores and weighted values
+    return 2.0 * (matrices + attention)
+
+
+def train_flops_per_step(config: GPTConfig, vocab_size: int) -> float:
+    """Forward plus backward (about twice the forward) over a padded batch: backends with fixed
+    shapes do block_size positions per row whatever the name's length."""
+    return 3.0 * config.batch_size * config.block_size * forward_flops_per_token(config,
+                                                                                 vocab_size)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    preset: str
+    batch_size: int
+    config: GPTConfig
+    parameters: int
+    train_flops: float  # per step
+    sample_flops: float  # per sampled token
+
+    @property
+    def label(self) -> str:
+        return self.preset if self.batch_size == 1 else f"{self.preset} b{self.batch_size}"
+
+
+def sweep_points(presets: list[str], batch_sizes: list[int], steps: int,
+                 vocab_size: int) -> list[SweepPoint]:
+    """Every (preset, batch size), cheapest first."""
+    points = []
+    for name in presets:
+        for batch_size in batch_sizes:
+            config = preset(name, num_steps=steps, batch_size=batch_size)
+            points.append(SweepPoint(name, batch_size, config, config.num_parameters(vocab_size),
+                                     train_flops_per_step(config, vocab_size),
+                                     forward_flops_per_token(config, vocab_size)))
+    return sorted(points, key=lambda point: (point.train_flops, point.parameters))
+
+
+def project_seconds(previous: dict, previous_point: SweepPoint, point: SweepPoint) -> float:
+    """Wall time of a run at `point` from a measured run at `previous_point`: fixed costs
+    (process start, import, compile) as measured; training and sampling scaled by FLOPs."""
+    train_s = (previous.get("train") or {}).get("total_s") or 0.0
+    sample_s = (previous.get("infer") or {}).get("total_s") or 0.0
+    wall_s = previous.get("wall_s") or (train_s + sample_s)
+    fixed_s = max(0.0, wall_s - train_s - sample_s)
+    steps_ratio = point.config.num_steps / previous_point.config.num_steps
+    return (fixed_s + train_s * steps_ratio * point.train_flops / previous_point.train_flops
+            + sample_s * point.sample_flops / previous_point.sample_flops)
+
+
+# ---- the sweep -----------------------------------------------------------------------------
+@dataclass
+class SweepSettings:
+    pairs: list[tuple[str, str]]  # (backend, dtype)
+    points: list[SweepPoint]
+    budget_s: float
+    warmup_steps: int = 5
+    num_samples: int | None = None
+    repeat: int = 1
+    timeout_s: float = 1800.0
+    dataset_path: str | None = None
+    custom_dataset: bool = False
+    seed: int = 0
+
+
+def _supports_batches(backend: str) -> bool:
+    try:
+        return bool(get_backend_class(backend).supports_batches)
+    except Exception:  # a module that fails to import: its batch-1 run reports why
+        return False
+
+
+def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runner=run_backend,
+              clock=time.monotonic, log=print) -> dict:
+    """Run the sweep into `document` (saved with `save(document)` after every run) and return
+    it. `reference_for(point)` gives the float64 reference losses; `runner(request, reference)`
+    runs one backend (bench.runner.run_backend). Both and `clock` are parameters for tests."""
+    started = clock()
+    deadline = started + settings.budget_s
+    skipped = document["sweep"]["skipped"]
+    # (backend, dtype, batch size or None for any) -> its latest successful run and point.
+    last_measured: dict[tuple, tuple[dict, SweepPoint]] = {}
+    last_reference: tuple[float, SweepPoint] | None = None
+    order_rng = random.Random(settings.seed)
+    batch_support = {backend: _supports_batches(backend) for backend, _ in settings.pairs}
+
+    def skip(backend, dtype, point, reason, projected=None):
+        skipped.append({"backend": backend, "dtype": dtype, "preset": point.preset,
+                        "batch_size": point.batch_size, "parameters": point.parameters,
+                        "projected_s": projected, "reason": reason})
+        log(f"  {backend} {dtype} {point.label}: skipped ({reason})")
+
+    for point in settings.points:
+        candidates = [(backend, dtype) for backend, dtype in settings.pairs
+                      if point.batch_size == 1 or batch_support[(backend)]]
+        if not candidates:
+            continue
+        # The reference costs time too: project it like a run (numpy float64 in this process).
+        remaining = deadline - clock()
+        if last_reference is not None:
+            reference_s, reference_point = last_reference
+            projected = reference_s * point.train_flops / reference_point.train_flops
+            if projected > remaining:
+                for backend, dtype in candidates:
+                    skip(backend, dtype, point, f"the float64 reference alone is projected at "
+                         f"{projected:.0f} s, {max(remaining, 0):.0f} s left", projected)
+                continue
+        if remaining <= 0:
+            for backend, dtype in candidates:
+                skip(backend, dtype, point, "budget spent")
+            continue
+        reference_started = clock()
+        reference = reference_for(point)
+        last_reference = (clock() - reference_started, point)
+        for repeat in range(settings.repeat):
+            round_candidates = list(candidates)
+            if repeat > 0:
+                order_rng.shuffle(round_candidates)
+            for backend, dtype in round_candidates:
+                if repeat > 0 and not any(
+                        run.get("repeat") == 0 and run["backend"] == backend
+                        and run.get("dtype") == dtype and run.get("sweep", {}).get("label")
+                        == point.label for run in document["runs"]):
+                    continue  # skipped in the first round: skipped in all
+                remaining = deadline - clock()
+                projected = None
+                # From the previous preset at the same batch size (FLOPs say little about how
+                # well a backend batches), else from the backend's latest run.
+                basis = (last_measured.get((backend, dtype, point.batch_size))
+                         or last_measured.get((backend, dtype, None)))
+                if basis is not None:
+                    projected = project_seconds(basis[0], basis[1], point)
+                if remaining <= 0 or (projected is not None and projected > remaining):
+                    if repeat == 0:
+                        skip(backend, dtype, point,
+                             "budget spent" if projected is None else
+                             f"projected {projected:.1f} s, {max(remaining, 0):.1f} s left",
+                             projected)
+                    continue
+                request = RunRequest(
+                    backend=backend, dtype=dtype, config=point.config,
+                    steps=point.config.num_steps, warmup_steps=settings.warmup_steps,
+                    num_samples=settings.num_samples, dataset_path=settings.dataset_path,
+                    custom_dataset=settings.custom_dataset,
+                    timeout_s=max(1.0, min(settings.timeout_s, remaining)))
+                record = runner(request, reference)
+                budget_cut = (record.get("status") == STATUS_TIMEOUT
+                              and request.timeout_s < settings.timeout_s)
+                if budget_cut:
+                    if repeat == 0:
+                        skip(backend, dtype, point, f"stopped at the end of the budget after "
+                             f"{request.timeout_s:.0f} s (projected "
+                             f"{'?' if projected is None else f'{projected:.0f}'} s)",
+                             projected)
+                    continue
+                record["repeat"] = repeat
+                record["sweep"] = {"preset": point.preset, "batch_size": point.batch_size,
+                                   "label": point.label, "parameters": point.parameters,
+                                   "train_flops_per_step": point.train_flops,
+                                   "projected_s": projected}
+                document["runs"].append(record)
+                save(document)
+                if record.get("status") == STATUS_OK:
+                    last_measured[(backend, dtype, point.batch_size)] = (record, point)
+                    last_measured[(backend, dtype, None)] = (record, point)
+                    log(f"  {backend} {dtype} {point.label}: "
+                        f"{record['train']['ms_per_step_median']:.4f} ms/step, "
+                        f"{record.get('wall_s', 0):.1f} s"
+                        + (f" (projected {projected:.1f} s)" if projected else ""))
+                else:
+                    log(f"  {backend} {dtype} {point.label}: {record.get('status')}: "
+                        f"{record.get('error', '')}")
+    document["sweep"]["elapsed_s"] = clock() - started
+    document["complete"] = True
+    save(document)
+    return document
+
+
+# ---- command -------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="bench.py sweep",
+        description="Run the presets at several batch sizes for the chosen backends within a "
+                    "time budget; write a result file and a log-log scaling chart.")
+    parser.add_argument("--backend", action="append", default=[], metavar="NAME",
+                        help="backend to sweep (repeatable); default: every available backend "
+                             "of the default run (not the slow python / mojo-tape)")
+    parser.add_argument("--dtype", action="append", default=[],
+                        choices=["float32", "float64", "default"],
+                        help="dtype (repeatable); default: each backend's own")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help=f"comma-separated presets (default {','.join(PRESETS)})")
+    parser.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES),
+                        help="comma-separated batch sizes (default 1,8,32; above 1 only for "
+                             "backends that support batches)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"training steps per run (default {DEFAULT_STEPS})")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (default 5)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="names sampled after training (default 20)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per backend and configuration (default 1)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                        help=f"total time budget (default {DEFAULT_BUDGET_S:.0f} s); runs "
+                             "projected to exceed what is left are skipped")
+    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="kill one run after this long (default 1800)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="result file (default: a new file under results/sweep/)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-chart", action="store_true", help="no scaling chart")
+    parser.add_argument("--dataset", default=None, metavar="PATH")
+    parser.add_argument("--custom-dataset", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def default_backends() -> list[str]:
+    return [name for name, entry in REGISTRY.items()
+            if entry.in_default_run and availability(name).available]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    argv = sys.argv[1:] if argv is None else argv
+    console = Console(stderr=True)
+    try:
+        return _main(build_parser().parse_args(argv), argv, console)
+    except (SweepError, ConfigError, DatasetError, results.ResultFileError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+
+
+def _main(args, argv: list[str], console) -> int:
+    from bench.cli import plan_runs  # the CLI's (backend, dtype) pairing, default dtypes
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    unknown = [name for name in presets if name not in PRESETS]
+    if unknown or not presets:
+        raise SweepError(f"unknown preset {unknown[0] if unknown else args.presets!r}; "
+                         f"choose from {', '.join(PRESETS)}")
+    unknown = [name for name in args.backend if name not in REGISTRY]
+    if unknown:
+        raise SweepError(f"unknown backend {unknown[0]!r}; valid backends: {', '.join(REGISTRY)}")
+    for name, value, low in (("--steps", args.steps, 1), ("--repeat", args.repeat, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise SweepError(f"{name} must be >= {low}")
+    if not args.budget > 0:
+        raise SweepError("--budget must be > 0 seconds")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        raise SweepError(f"{args.json} exists; choose another --json path or pass --overwrite")
+    backends = list(dict.fromkeys(args.backend)) or default_backends()
+    if not backends:
+        raise SweepError("no backend can run here; see `python bench.py --list`")
+
+    dataset = load_dataset(args.dataset, args.custom_dataset)
+    vocab_size = build_spec(dataset.docs, PRESETS["tiny"]).tokenizer.vocab_size
+    points = sweep_points(presets, args.batch_sizes, args.steps, vocab_size)
+    settings = SweepSettings(
+        pairs=plan_runs(backends, args.dtype), points=points, budget_s=args.budget,
+        warmup_steps=args.warmup, num_samples=args.samples, repeat=args.repeat,
+        timeout_s=args.timeout, dataset_path=args.dataset, custom_dataset=args.custom_dataset,
+        seed=args.seed)
+
+    environment = collect_environment()
+    document = results.new_document(environment, ["bench.py", "sweep", *argv])
+    document["dataset"] = dataset.describe()
+    document["sweep"] = {"presets": presets, "batch_sizes": args.batch_sizes,
+                         "steps": args.steps, "budget_s": args.budget, "repeat": args.repeat,
+                         "backends": [f"{backend} {dtype}" for backend, dtype in settings.pairs],
+                         "skipped": []}
+    path = args.json or results.default_result_path(environment, SWEEP_DIR)
+
+    def reference_for(point: SweepPoint) -> list[float]:
+        spec = build_spec(dataset.docs, point.config)
+        return reference_losses(spec, point.config.num_steps, dataset.sha256)
+
+    console.print(f"Sweep: {', '.join(document['sweep']['backends'])}; presets "
+                  f"{', '.join(presets)}; batch sizes {args.batch_sizes}; {args.steps} steps; "
+                  f"budget {args.budget:.0f} s", highlight=False)
+    try:
+        run_sweep(settings, document, lambda doc: results.save(doc, path), reference_for,
+                  log=lambda line: console.print(line, highlight=False))
+    except Interrupted as interrupt:
+        document["runs"].append(interrupt.record)
+        results.save(document, path)
+        console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}")
+        return EXIT_INTERRUPTED
+    outputs = [path, path.with_suffix(".md")]
+    if not args.no_chart:
+        from bench import report
+        chart_path = path.with_name(path.stem + "-scaling.png")
+        try:
+            if report.chart_scaling(document["runs"], chart_path,
+                                    f"ms per training step against model size "
+                                    f"({args.steps} steps; "
+                                    f"{results.describe_machine(environment)})"):
+                outputs.append(chart_path)
+        except report.ChartsUnavailable as error:
+            console.print(f"[yellow]note:[/yellow] {error}", highlight=False)
+    console.print("Results: " + ", ".join(str(output) for output in outputs), highlight=False)
+    failed = [run for run in document["runs"] if run.get("status") != STATUS_OK]
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
