@@ -29,7 +29,7 @@ REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in [
     BackendEntry("max", "backends.max_backend", "MaxBackend"),
     BackendEntry("max-loop", "backends.max_backend", "MaxLoopBackend"),
     BackendEntry("mojo", "backends.mojo_backend", "MojoBackend"),
-    BackendEntry("mojo-tape", "backends.mojo_backend", "MojoTapeBackend", in_default_run=False),
+    BackendEntry("mojo-tape", "backends.mojo_backend", "MojoTapeBackend"),
 ]}
 
 
