@@ -25,10 +25,13 @@ def rmsnorm(x):
     return x * scale, scale
 
 
-def rmsnorm_backward(x, scale, dy):
-    # y = x * s, s = (mean(x^2) + eps)^-1/2  =>  dx = s * dy - s^3 * x * mean(dy * x)
-    projection = np.einsum("...c,...c->...", dy, x)[..., None] * (scale ** 3 / x.shape[-1])
-    return scale * dy - x * projection
+def rmsnorm_backward(y, scale, dy):
+    """dx for y = rmsnorm(x) = x * s, from the output y and the scale s:
+    dx = s * dy - s^3 * x * mean(dy * x) = s * (dy - y * mean(dy * y))."""
+    projection = np.einsum("...c,...c->...", dy, y)[..., None] * (1.0 / y.shape[-1])
+    dx = dy - y * projection
+    dx *= scale
+    return dx
 
 
 class NumpyBackend(Backend):
@@ -58,6 +61,7 @@ class NumpyBackend(Backend):
             offset += size
         self._views = {}
         self.identity_vocab = np.eye(vocab_size, dtype=self.np_dtype)
+        self.position_index = np.arange(config.batch_size * config.block_size)
         head_dim = config.head_dim
         self.attention_scale = 1.0 / head_dim ** 0.5
         block = config.block_size
@@ -94,7 +98,7 @@ class NumpyBackend(Backend):
         C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
         x_embed = (p["wte"][inputs] + p["wpe"][:T]).reshape(B * T, C)
         x, scale = rmsnorm(x_embed)
-        saved = {"inputs": inputs, "x_embed": x_embed, "embed_scale": scale, "layers": []}
+        saved = {"inputs": inputs, "x_normed": x, "embed_scale": scale, "layers": []}
         mask = self.causal_mask[:T, :T]
         for i in range(cfg.n_layer):
             w_qkv, _ = self._layer_views(i)
@@ -113,8 +117,8 @@ class NumpyBackend(Backend):
             hidden = xn2 @ p[f"layer{i}.mlp_fc1"].T  # (B*T, 4C)
             activated = np.maximum(hidden, 0)
             x_out = activated @ p[f"layer{i}.mlp_fc2"].T + x_mid
-            saved["layers"].append((x, scale1, xn, q, k, v, weights, heads, x_mid, scale2,
-                                    xn2, hidden, activated))
+            saved["layers"].append((scale1, xn, q, k, v, weights, heads, scale2, xn2, hidden,
+                                    activated))
             x = x_out
         saved["x_final"] = x
         return (x @ p["lm_head"].T).reshape(B, T, -1), saved
@@ -126,24 +130,27 @@ class NumpyBackend(Backend):
         targets = batch.padded[:, 1: T + 1]
         logits, saved = self._forward(inputs)
         B = inputs.shape[0]
-        logits -= logits.max(axis=-1, keepdims=True)
-        probs = np.exp(logits, out=logits)
+        probs = logits.reshape(B * T, -1)  # one row per position, softmax in place
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
         probs /= probs.sum(axis=-1, keepdims=True)
-        rows, cols = np.arange(B)[:, None], np.arange(T)[None, :]
-        target_probs = probs[rows, cols, targets]  # (B, T)
+        if len(self.position_index) < B * T:  # a batch larger than the config's (tests)
+            self.position_index = np.arange(B * T)
+        rows, flat_targets = self.position_index[: B * T], targets.reshape(-1)
+        target_probs = probs[rows, flat_targets]  # (B*T,)
         if B == 1:  # one unpadded row, the original program's case
             loss = -np.log(target_probs).sum() / T
             position_weight = 1.0 / T
         else:
-            real = batch.position_mask[:, :T].astype(self.np_dtype)
+            real = batch.position_mask[:, :T].reshape(-1).astype(self.np_dtype)
             count = real.sum()
             loss = -(np.log(target_probs) * real).sum() / count
-            position_weight = (real / count)[:, :, None]
+            position_weight = (real / count)[:, None]
         # d loss / d logits = (softmax - onehot) / n at every real position.
         dlogits = probs
-        dlogits[rows, cols, targets] -= 1
+        dlogits[rows, flat_targets] -= 1
         dlogits *= position_weight
-        self._backward(dlogits.reshape(B * T, -1), saved, B, T)
+        self._backward(dlogits, saved, B, T)
         return float(loss)
 
     def _backward(self, dlogits, saved, B, T):
@@ -153,7 +160,7 @@ class NumpyBackend(Backend):
         np.matmul(dlogits.T, saved["x_final"], out=g["lm_head"])
         dx = dlogits @ p["lm_head"]  # (B*T, C)
         for i in reversed(range(cfg.n_layer)):
-            (x_in, scale1, xn, q, k, v, weights, heads, x_mid, scale2, xn2, hidden,
+            (scale1, xn, q, k, v, weights, heads, scale2, xn2, hidden,
              activated) = saved["layers"][i]
             w_qkv, g_qkv = self._layer_views(i)
             # MLP block: x_out = fc2(relu(fc1(rmsnorm(x_mid)))) + x_mid
@@ -161,7 +168,7 @@ class NumpyBackend(Backend):
             dhidden = dx @ p[f"layer{i}.mlp_fc2"]
             dhidden *= hidden > 0
             np.matmul(dhidden.T, xn2, out=g[f"layer{i}.mlp_fc1"])
-            dx = dx + rmsnorm_backward(x_mid, scale2, dhidden @ p[f"layer{i}.mlp_fc1"])
+            dx = dx + rmsnorm_backward(xn2, scale2, dhidden @ p[f"layer{i}.mlp_fc1"])
             # Attention block: x_mid = Wo(attention(rmsnorm(x_in))) + x_in
             np.matmul(dx.T, heads, out=g[f"layer{i}.attn_wo"])
             dheads = (dx @ p[f"layer{i}.attn_wo"]).reshape(B, T, H, D).transpose(0, 2, 1, 3)
@@ -176,10 +183,10 @@ class NumpyBackend(Backend):
             np.matmul(dweights.swapaxes(-1, -2), q, out=dqkv[1])  # dk
             dqkv_rows = dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
             np.matmul(dqkv_rows.T, xn, out=g_qkv)
-            dx = dx + rmsnorm_backward(x_in, scale1, dqkv_rows @ w_qkv)
-        dembed = rmsnorm_backward(saved["x_embed"], saved["embed_scale"], dx)
+            dx = dx + rmsnorm_backward(xn, scale1, dqkv_rows @ w_qkv)
+        dembed = rmsnorm_backward(saved["x_normed"], saved["embed_scale"], dx)
         g["wpe"][T:] = 0
-        g["wpe"][:T] = dembed.reshape(B, T, C).sum(axis=0)
+        g["wpe"][:T] = dembed if B == 1 else dembed.reshape(B, T, C).sum(axis=0)
         # Scatter-add of the token embedding rows as a one-hot product (faster than np.add.at
         # at these sizes, and deterministic).
         one_hot = self.identity_vocab[saved["inputs"].reshape(-1)]  # (B*T, V)
