@@ -45,28 +45,41 @@ def prepare_batches(spec: SpecInstance, steps: int) -> list[TokenBatch]:
 def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
           on_step=None) -> TrainingRun:
     """Run `steps` (default: the config's num_steps) timed training steps from the backend's
-    current state. `on_step(step, loss)` is called outside the timed region."""
+    current state. `on_step(step, loss)` is called outside the timed region.
+
+    A backend with `steps_per_call` > 1 and `train_steps(batches, adams) -> losses` (max-loop)
+    is timed per call of up to that many steps, and each step of a call is credited an equal
+    share of the call's time: its per-step figures are call averages, not single steps."""
     steps = spec.config.num_steps if steps is None else steps
     batches = prepare_batches(spec, steps)
     adam = [adam_step(spec.config, step) for step in range(steps)]
     diverged_above = DIVERGENCE_FACTOR * math.log(spec.tokenizer.vocab_size)
+    steps_per_call = getattr(backend, "steps_per_call", 1)
+    multi_step = steps_per_call > 1 and hasattr(backend, "train_steps")
     run = TrainingRun()
     clock = time.perf_counter
-    for step in range(steps):
+    step = 0
+    while step < steps:
+        count = min(steps_per_call, steps - step) if multi_step else 1
         start = clock()
-        loss = backend.train_step(batches[step], adam[step])
+        if multi_step:
+            losses = backend.train_steps(batches[step: step + count], adam[step: step + count])
+        else:
+            losses = [backend.train_step(batches[step], adam[step])]
         backend.sync()
         elapsed = clock() - start
-        run.losses.append(loss)
-        run.step_seconds.append(elapsed)
-        if on_step is not None:
-            on_step(step, loss)
-        if not math.isfinite(loss):
-            run.stopped_reason = f"loss is {loss} at step {step + 1}"
-            break
-        if loss > diverged_above:
-            run.stopped_reason = f"diverged: loss {loss:.4g} at step {step + 1}"
-            break
+        for loss in losses:
+            run.losses.append(loss)
+            run.step_seconds.append(elapsed / count)
+            if on_step is not None:
+                on_step(step, loss)
+            step += 1
+            if not math.isfinite(loss):
+                run.stopped_reason = f"loss is {loss} at step {step}"
+                return run
+            if loss > diverged_above:
+                run.stopped_reason = f"diverged: loss {loss:.4g} at step {step}"
+                return run
     return run
 
 
