@@ -13,6 +13,7 @@ import pytest
 from bench.config import preset
 from bench.spec import build_spec
 from data.dataset import CACHE_PATH, load_dataset
+from tests.helpers import make_backend, train_losses
 
 SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "names.txt"
 
@@ -37,3 +38,14 @@ def tiny_spec(dataset):
 def small_spec(dataset):
     """A two-layer config with other sizes, so that no backend hard-codes the tiny shapes."""
     return build_spec(dataset.docs, preset("tiny", n_layer=2, n_embd=8, n_head=2, block_size=8))
+
+
+@pytest.fixture(scope="session")
+def numpy_runs(tiny_spec):
+    """numpy over the spec's 1,000 steps in each dtype: losses and final parameters, the
+    reference the framework backends' tests compare with (computed once per session)."""
+    runs = {}
+    for dtype in ("float32", "float64"):
+        backend = make_backend("numpy", tiny_spec, dtype)
+        runs[dtype] = train_losses(backend, tiny_spec, 1000), backend.parameters()
+    return runs

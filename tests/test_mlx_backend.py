@@ -32,16 +32,6 @@ PARAMETER_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 
 @pytest.fixture(scope="module")
-def numpy_runs(tiny_spec):
-    """numpy over the spec's 1,000 steps in each dtype: losses and final parameters."""
-    runs = {}
-    for dtype in DTYPES:
-        backend = make_backend("numpy", tiny_spec, dtype)
-        runs[dtype] = train_losses(backend, tiny_spec, 1000), backend.parameters()
-    return runs
-
-
-@pytest.fixture(scope="module")
 def backends(tiny_spec):
     """One prepared backend per dtype (one mx.compile trace each), on the CPU so that the
     float64 one exists on every machine. Tests that train reload the spec's parameters first
