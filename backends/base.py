@@ -141,6 +141,13 @@ class Backend(abc.ABC):
     def sync(self) -> None:
         """Wait until queued device work has finished (no-op on synchronous backends)."""
 
+    def configure_process(self) -> dict:
+        """Process-wide settings (CPU affinity, ...) this backend wants when it has a process
+        of its own, as in the runner's workers; called once, before compilation. Not called in
+        a shared process (the tests), where it would change the other backends' conditions.
+        Returns what was set, recorded in the result file."""
+        return {}
+
     def details(self) -> dict:
         """Backend-specific facts for the result file (threads, compile mode, ...)."""
         return {}

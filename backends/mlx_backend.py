@@ -2,34 +2,41 @@
 `mx.compile`; sampling with a fixed-shape key/value cache, compiled too. float32 on CPU or GPU,
 float64 on the CPU only (MLX's GPUs have no float64).
 
-At 4,192 parameters a step's cost is MLX's per-node overhead (graph bookkeeping and an
-allocation per result on the calling thread, a hand-off to the stream's worker thread), not
-arithmetic, so this file keeps the compiled graph small (about 100 nodes at the tiny size):
+At 4,192 parameters a step's cost on the CPU is MLX's per-node overhead (graph bookkeeping and
+an allocation per result on the calling thread, a hand-off to the stream's worker thread: about
+4 us per node here) plus matmuls, which the Linux wheel runs on the reference BLAS (scalar
+loops, about 1 multiply-add per cycle). So this file keeps the compiled graph small (about 80
+nodes at the tiny size) and the matmuls few and small:
 - One weight buffer: every matrix has n_embd columns (the spec's [out, in] for all but
-  mlp_fc2, which is stored [in, out]), so all of them are row ranges of one (R, C) array;
-  each matrix is a free row slice, the gradients are one concatenation, and Adam is one fused
-  element-wise kernel over the buffer. The state is three arrays: weights, m and v.
+  mlp_fc2, which is stored [in, out]), so all of them are row ranges of one (R, C) array, made
+  by one split node (and their transposes by one transpose and one split); the gradients are
+  one concatenation, and Adam is one fused element-wise kernel over the buffer. The state is
+  three arrays: weights, m and v.
 - The backward pass is written out by hand (the numpy backend's derivation) rather than taken
   from `mx.value_and_grad`, whose graph has a third more nodes (broadcasts, transposes and
-  reshapes around each vjp: 134 against 101, and 0.64 against 0.49 ms per step here). The
-  tests check it against numpy and against `mx.value_and_grad` of `forward_loss`.
-- wq, wk and wv are adjacent rows, so the three projections are one matmul.
-- Attention uses block-diagonal keys and values: the keys are repeated once per head and
-  masked to that head's columns, (H*T, C), so all heads' scores are one (T, C) @ (C, H*T)
-  matmul and the heads' outputs, already concatenated, one (T, H*T) @ (H*T, C) matmul. H
-  times the (tiny) arithmetic, but no per-head reshapes, transposes or copies.
+  reshapes around each vjp). The tests check it against numpy and against
+  `mx.value_and_grad` of `forward_loss`.
+- wq, wk and wv are adjacent rows, so the three projections are one matmul, and attention runs
+  all heads at once as batched matmuls on a head-major view of [q | k | v] (one reshape, one
+  transpose). (An earlier version used block-diagonal masked keys, one plain matmul for all
+  heads' scores with H times the arithmetic: fewer nodes, but attention's forward and backward
+  alone took 0.134 against 0.095 ms here, the difference all in the reference BLAS.)
 - Every step has the same shapes: the tokens are padded to block_size (TokenBatch.padded) and a
   mask built from TokenBatch.lengths gives the padded positions zero weight in the loss.
   Causal attention means the padding never changes a real position's value, so ONE compiled
   step serves every sequence length (no recompilation per length).
-- The Adam scalars (AdamStep) enter as 0-d arrays, not Python floats, so a new learning rate is
-  new data for the compiled graph rather than a new constant to recompile for.
+- Per step the host makes two arrays (the tokens; Adam's two scalar factors and the lengths):
+  the scalars enter as data, not Python floats, so a new learning rate is new data for the
+  compiled graph rather than a constant to recompile for.
+- In a benchmark worker the process's threads are pinned to one core (configure_process).
 
 Shapes: B batch rows, T = block_size positions, N = B*T rows, C = n_embd, H heads, D = head_dim,
 V vocab, R rows of the weight buffer (R * C parameters).
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import numpy as np
@@ -43,6 +50,8 @@ except ImportError:  # pragma: no cover - exercised only where MLX is missing
     mx = None
 
 RMS_EPS = 1e-5
+# "0" leaves the CPU affinity of an mlx worker process to the OS (see configure_process).
+PIN_ENV_VAR = "MICROGPT_BENCH_MLX_PIN"
 DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "cuda": "gpu"}
 
 
@@ -179,23 +188,18 @@ class MLXBackend(Backend):
         return device
 
     def _build_constants(self):
-        cfg, dt = self.config, self.np_dtype
-        T, C, H, D = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.head_dim
-        # head_mask[h, 0, c] = 1 where column c belongs to head h: (H, 1, C). The key copies
-        # also carry the 1/sqrt(D) of the scores, so no separate scaling node is needed.
-        head_mask = (np.arange(C)[None, :] // D == np.arange(H)[:, None]).astype(dt)[:, None]
-        self.head_mask_values = mx.array(head_mask, dtype=self.mx_dtype)
-        self.head_mask_keys = mx.array(head_mask / np.sqrt(D), dtype=self.mx_dtype)
-        self.head_mask_keys_values = mx.concatenate(  # (H, 1, 2C), for [dk | dv]
-            [self.head_mask_keys, self.head_mask_values], axis=-1)
-        # Additive causal mask for the block-diagonal scores (T, H*T): query t sees key
-        # (h, s) iff s <= t.
+        T = self.config.block_size
+        # Additive causal mask (T, T): query t sees key s iff s <= t.
         causal = np.where(np.arange(T)[None, :] <= np.arange(T)[:, None], 0.0, -np.inf)
-        self.causal_mask = mx.array(np.tile(causal, (1, H)), dtype=self.mx_dtype)
+        self.causal_mask = mx.array(causal, dtype=self.mx_dtype)
         self.position_column = mx.arange(T, dtype=mx.int32)[:, None]  # (T, 1)
         self.vocab_ids = mx.arange(self.vocab_size, dtype=mx.int32)  # (V,)
-        mx.eval(self.head_mask_values, self.head_mask_keys, self.head_mask_keys_values,
-                self.causal_mask, self.position_column, self.vocab_ids)
+        mx.eval(self.causal_mask, self.position_column, self.vocab_ids)
+
+    def _position_one_hot(self, rows):
+        """(rows*T, T) constant: row b*T + t is one-hot at t (the positions of a batch)."""
+        T = self.config.block_size
+        return mx.array(np.tile(np.eye(T), (rows, 1)), dtype=self.mx_dtype)
 
     # ---- parameters ------------------------------------------------------------------------
     def _stack(self, named):
@@ -241,135 +245,126 @@ class MLXBackend(Backend):
         """name -> row range of the (R, C) weight buffer: views, made by one split node."""
         return dict(zip(self.row_layout, mx.split(weights, self.row_boundaries, axis=0)))
 
-    # ---- the model -------------------------------------------------------------------------
-    def _attention(self, q, k, v, mask):
-        """Causal multi-head attention with block-diagonal keys and values.
-        q: (..., Tq, C); k, v: (..., T, C); mask: additive, broadcastable to (..., Tq, H*T).
-        Returns the heads (..., Tq, C) and what the backward pass needs."""
-        H, T, C = self.config.n_head, k.shape[-2], k.shape[-1]
-        lead = k.shape[:-2]
-        if lead:  # (B, T, C) -> (B, 1, T, C) to broadcast against the (H, 1, C) masks
-            k, v = mx.expand_dims(k, -3), mx.expand_dims(v, -3)
-        # (..., H, T, C) -> (..., H*T, C): row (h, s) is key s restricted to head h's columns
-        keys = (k * self.head_mask_keys).reshape(*lead, H * T, C)
-        values = (v * self.head_mask_values).reshape(*lead, H * T, C)
-        scores = mx.addmm(mask, q, keys.swapaxes(-1, -2))  # (..., Tq, H*T)
-        weights = self.softmax(scores.reshape(*scores.shape[:-1], H, T))  # per head over keys
-        weights = weights.reshape(scores.shape)  # (..., Tq, H*T)
-        return weights @ values, (keys, values, weights)
+    def _transposed_matrices(self, weights):
+        """name -> the transpose of that block, (C, rows): two nodes for all of them rather
+        than one transpose node per matrix."""
+        return dict(zip(self.row_layout, mx.split(weights.T, self.row_boundaries, axis=1)))
 
-    def _attention_backward(self, q, saved, dheads):
-        """The gradient of [q | k | v] (..., T, 3C) from dheads (..., T, C)."""
-        H = self.config.n_head
-        keys, values, weights = saved
-        *lead, T, HT = weights.shape
-        C = q.shape[-1]
-        dweights = dheads @ values.swapaxes(-1, -2)  # (..., T, H*T)
-        dvalues = weights.swapaxes(-1, -2) @ dheads  # (..., H*T, C)
-        # softmax backward within each head's group of T keys
-        w = weights.reshape(*lead, T, H, T)
-        dw = dweights.reshape(*lead, T, H, T)
-        dscores = (w * (dw - (dw * w).sum(axis=-1, keepdims=True))).reshape(*lead, T, HT)
-        dq = dscores @ keys  # the key copies carry 1/sqrt(D)
-        dkeys = dscores.swapaxes(-1, -2) @ q  # (..., H*T, C)
-        # Sum the H masked copies back into one key and one value row, both at once:
-        # (..., H*T, 2C) -> (..., T, 2C) = [dk | dv]
-        dkv = mx.concatenate([dkeys, dvalues], axis=-1).reshape(*lead, H, T, 2 * C)
-        dkv = (dkv * self.head_mask_keys_values).sum(axis=-3)
-        return mx.concatenate([dq, dkv], axis=-1)  # (..., T, 3C)
+    # ---- the model -------------------------------------------------------------------------
+    def _to_heads(self, x, rows, parts):
+        """(rows*T, parts*C) -> (parts, rows, H, T, D): head-major views for batched matmuls."""
+        H, D = self.config.n_head, self.config.head_dim
+        T = x.shape[0] // rows
+        return x.reshape(rows, T, parts, H, D).transpose(2, 0, 3, 1, 4)
+
+    @staticmethod
+    def _from_heads(x):
+        """(parts, rows, H, T, D) -> (rows*T, parts*C), the inverse of _to_heads."""
+        parts, rows, H, T, D = x.shape
+        return x.transpose(1, 3, 0, 2, 4).reshape(rows * T, parts * H * D)
+
+    def _attention(self, q, k, v, mask):
+        """Causal attention of every head at once: q (..., H, Tq, D), k and v (..., H, T, D),
+        mask additive (Tq, T). Returns the heads' outputs (..., H, Tq, D) and the attention
+        weights (..., H, Tq, T), which the backward pass needs."""
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        weights = self.softmax(q @ k.swapaxes(-1, -2) * scale + mask)
+        return weights @ v, weights
+
+    def _attention_backward(self, q, k, v, weights, dout):
+        """Gradients of q, k and v (each (..., H, T, D)) from that of the output, stacked on a
+        new first axis to match _to_heads(qkv, rows, 3)."""
+        scale = 1.0 / math.sqrt(self.config.head_dim)
+        dweights = dout @ v.swapaxes(-1, -2)
+        dv = weights.swapaxes(-1, -2) @ dout
+        # softmax backward, with the scores' 1/sqrt(D)
+        dscores = weights * (dweights - (dweights * weights).sum(axis=-1, keepdims=True)) * scale
+        dq = dscores @ k
+        dk = dscores.swapaxes(-1, -2) @ q
+        return mx.concatenate([dq, dk, dv], axis=0)
 
     def _forward_backward(self, weights, tokens, lengths):
-        """The loss and the gradient of the (R, C) weight buffer.
+        """The loss (1, 1) and the gradient of the (R, C) weight buffer.
         tokens: int32 [B*(T+1), 1], the rows of TokenBatch.padded (padded with BOS) one after
-        the other; lengths: int32 [B], the predicted positions of each row."""
+        the other; lengths: (B,) in the compute dtype, the predicted positions of each row."""
         cfg = self.config
-        B, T = lengths.shape[0], cfg.block_size
+        T = cfg.block_size
+        B = lengths.shape[0]
         N = B * T
-        batched = B > 1  # attention then runs on (B, T, .) views of the (N, .) rows
-
-        def rows_to_batch(a):
-            return a.reshape(B, T, a.shape[-1]) if batched else a
-
-        def batch_to_rows(a):
-            return a.reshape(N, a.shape[-1]) if batched else a
-
-        # (N, T) constant: row b*T + t is one-hot at t (the position embedding's "one-hot")
-        position_one_hot = mx.array(np.tile(np.eye(T), (B, 1)), dtype=self.mx_dtype)
-        p = self._matrices(weights)  # (rows, C) views
-        # One-hot rows of all T+1 tokens: rows :T are the inputs, rows 1: the targets. The
-        # embedding is a matmul with them and its gradient the transposed one (no scatter).
+        p = self._matrices(weights)  # name -> (rows, C) views
+        p_t = self._transposed_matrices(weights)  # name -> (C, rows) views
+        # One-hot rows of inputs and targets: the embedding is a matmul with them and its
+        # gradient the transposed one (no gather or scatter); the targets' rows carry the loss
+        # weights, so padded positions fall out of the loss and its gradient.
         one_hot = (tokens == self.vocab_ids).astype(self.mx_dtype)  # (B*(T+1), V)
-        if batched:
+        if B > 1:
             one_hot = one_hot.reshape(B, T + 1, -1)
             input_one_hot = one_hot[:, :T].reshape(N, -1)  # (N, V)
             target_one_hot = one_hot[:, 1:].reshape(N, -1)
-            # position_one_hot: (N, T), row b*T + t has its 1 in column t
-            embedded = mx.addmm(position_one_hot @ p["wpe"], input_one_hot, p["wte"])
         else:
             input_one_hot, target_one_hot = one_hot[:T], one_hot[1:]  # (T, V) each
+        # Padded positions (p >= n) are computed but weigh nothing; real ones weigh 1/count.
+        if B > 1:
+            real = self.position_column[None] < lengths[:, None, None]  # (B, T, 1)
+            row_weights = real.reshape(N, 1).astype(self.mx_dtype) / lengths.sum()
+        else:
+            row_weights = (self.position_column < lengths).astype(self.mx_dtype) / lengths
+        if B > 1:
+            position_one_hot = self._position_one_hot(B)  # (N, T)
+            embedded = mx.addmm(position_one_hot @ p["wpe"], input_one_hot, p["wte"])
+        else:
             embedded = mx.addmm(p["wpe"], input_one_hot, p["wte"])  # (T, C)
         x, embed_sum_sq = rmsnorm(embedded)
         saved = []
         for i in range(cfg.n_layer):
-            wqkv, wo = p[f"layer{i}.attn_wqkv"], p[f"layer{i}.attn_wo"]
-            fc1, fc2_t = p[f"layer{i}.mlp_fc1"], p[f"layer{i}.mlp_fc2_t"]
-            C = wo.shape[0]
             xn, sum_sq1 = rmsnorm(x)
-            qkv = xn @ wqkv.T  # (N, 3C)
-            q, k, v = (rows_to_batch(part) for part in mx.split(qkv, 3, axis=1))
-            heads, attention_saved = self._attention(q, k, v, self.causal_mask)
-            heads = batch_to_rows(heads)  # (N, C)
-            x_mid = mx.addmm(x, heads, wo.T)
+            qkv = xn @ p_t[f"layer{i}.attn_wqkv"]  # (N, 3C)
+            q, k, v = mx.split(self._to_heads(qkv, B, 3), 3)  # (1, B, H, T, D) each
+            out, attention_weights = self._attention(q, k, v, self.causal_mask)
+            heads = self._from_heads(out)  # (N, C)
+            x_mid = mx.addmm(x, heads, p_t[f"layer{i}.attn_wo"])
             xn2, sum_sq2 = rmsnorm(x_mid)
-            hidden = xn2 @ fc1.T  # (N, 4C)
-            activated = mx.maximum(hidden, 0)
-            saved.append((x, xn, sum_sq1, q, attention_saved, heads, x_mid, xn2, sum_sq2,
-                          activated))
-            x = mx.addmm(x_mid, activated, fc2_t)
-        logits = x @ p["lm_head"].T  # (N, V)
+            activated = mx.maximum(xn2 @ p_t[f"layer{i}.mlp_fc1"], 0)  # (N, 4C)
+            saved.append((x, xn, sum_sq1, q, k, v, attention_weights, heads, x_mid, xn2,
+                          sum_sq2, activated))
+            x = mx.addmm(x_mid, activated, p[f"layer{i}.mlp_fc2_t"])
+        logits = x @ p_t["lm_head"]  # (N, V)
         log_normalizer = self.logsumexp(logits)  # (N, 1)
-        # Padded positions (p >= n) are computed but weigh nothing; real ones weigh 1/count.
-        if batched:
-            real = self.position_column[None] < lengths[:, None, None]  # (B, T, 1)
-            weight = real.reshape(N, 1).astype(self.mx_dtype) / lengths.sum()
-        else:
-            weight = (self.position_column < lengths).astype(self.mx_dtype) / lengths  # (T, 1)
         # -log softmax(logits)[target] = log_normalizer - logits[target], written so that the
-        # log-probabilities are never materialised (one fused node each for loss and dlogits)
-        # (kept (1, 1): a sum without keepdims adds a squeeze node)
-        loss = ((log_normalizer - logits) * (target_one_hot * weight)).sum(keepdims=True)
+        # log-probabilities are never materialised (kept (1, 1): a sum without keepdims adds
+        # a squeeze node)
+        loss = ((log_normalizer - logits) * (target_one_hot * row_weights)).sum(keepdims=True)
 
         # ---- backward ----
         # gradient_pairs[name] = (a, b): the gradient of that buffer block is a.T @ b
         gradient_pairs = {}
-        dlogits = (self.exp(logits - log_normalizer) - target_one_hot) * weight  # (N, V)
+        dlogits = (self.exp(logits - log_normalizer) - target_one_hot) * row_weights  # (N, V)
         gradient_pairs["lm_head"] = (dlogits, x)
         dx = dlogits @ p["lm_head"]  # (N, C)
         for i in reversed(range(cfg.n_layer)):
-            wqkv, wo = p[f"layer{i}.attn_wqkv"], p[f"layer{i}.attn_wo"]
-            fc1, fc2_t = p[f"layer{i}.mlp_fc1"], p[f"layer{i}.mlp_fc2_t"]
-            (x_in, xn, sum_sq1, q, attention_saved, heads, x_mid, xn2, sum_sq2,
+            (x_in, xn, sum_sq1, q, k, v, attention_weights, heads, x_mid, xn2, sum_sq2,
              activated) = saved[i]
             gradient_pairs[f"layer{i}.mlp_fc2_t"] = (activated, dx)
-            dhidden = (dx @ fc2_t.T) * (activated > 0)  # (N, 4C)
+            dhidden = (dx @ p_t[f"layer{i}.mlp_fc2_t"]) * (activated > 0)  # (N, 4C)
             gradient_pairs[f"layer{i}.mlp_fc1"] = (dhidden, xn2)
-            dx = dx + rmsnorm_backward(x_mid, sum_sq2, dhidden @ fc1)
+            dx = dx + rmsnorm_backward(x_mid, sum_sq2, dhidden @ p[f"layer{i}.mlp_fc1"])
             gradient_pairs[f"layer{i}.attn_wo"] = (dx, heads)
-            dheads = rows_to_batch(dx @ wo)
-            dqkv = batch_to_rows(self._attention_backward(q, attention_saved, dheads))  # (N, 3C)
+            dout = self._to_heads(dx @ p[f"layer{i}.attn_wo"], B, 1)  # (1, B, H, T, D)
+            dqkv = self._from_heads(
+                self._attention_backward(q, k, v, attention_weights, dout))  # (N, 3C)
             gradient_pairs[f"layer{i}.attn_wqkv"] = (dqkv, xn)
-            dx = dx + rmsnorm_backward(x_in, sum_sq1, dqkv @ wqkv)
+            dx = dx + rmsnorm_backward(x_in, sum_sq1, dqkv @ p[f"layer{i}.attn_wqkv"])
         dembedded = rmsnorm_backward(embedded, embed_sum_sq, dx)  # (N, C)
         gradient_pairs["wte"] = (input_one_hot, dembedded)
         # a = None: the block's gradient is b itself (one row, one position: an identity)
-        gradient_pairs["wpe"] = (position_one_hot if batched else None, dembedded)
+        gradient_pairs["wpe"] = (self._position_one_hot(B) if B > 1 else None, dembedded)
         return loss, self._weight_gradient(gradient_pairs)
 
     def _weight_gradient(self, gradient_pairs):
         """The (R, C) gradient buffer from {name: (a (N, rows), b (N, C))}: block a.T @ b
         (b where a is None)."""
-        # (One masked block-diagonal matmul for all blocks has fewer nodes but measured
-        # slower here: 0.72 against 0.56 ms per step.)
+        # (Transposing all the a's at once, concatenated, saves three nodes but costs a copy
+        # inside each matmul; no faster here.)
         return mx.concatenate([b if a is None else a.T @ b for a, b in (
             gradient_pairs[name] for name in self.row_layout)])
 
@@ -378,30 +373,39 @@ class MLXBackend(Backend):
         return self._forward_backward(weights, tokens, lengths)[0].squeeze()  # 0-d
 
     # ---- training --------------------------------------------------------------------------
-    def _step_function(self, tokens, lengths, learning_rate, bias_correction1,
-                       bias_correction2):
-        """One training step on self.state; returns the loss. Traced once by mx.compile."""
+    def _step_function(self, tokens, scalars):
+        """One training step on self.state; returns the loss. Traced once by mx.compile.
+        scalars: (2 + B,): Adam's lr / bias_correction1 and 1 / sqrt(bias_correction2), then
+        the lengths."""
         self.trace_count += 1  # Python runs only while tracing
         cfg = self.config
         weights, m, v = self.state
+        step_size, inverse_root_bias_correction2, lengths = mx.split(scalars, [1, 2])
         loss, grad = self._forward_backward(weights, tokens, lengths)
-        # The spec's update, fused by mx.compile into one kernel over the buffer.
+        # The spec's update, fused by mx.compile into one element-wise kernel over the buffer.
+        # lr * (m / bc1) / (sqrt(v / bc2) + eps) is computed as
+        # (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps), the scalar factors from the host: one
+        # division and one square root per parameter rather than three and one (the kernel's
+        # cost here); the same value up to float rounding.
         m = cfg.beta1 * m + (1 - cfg.beta1) * grad
         v = cfg.beta2 * v + (1 - cfg.beta2) * (grad * grad)
-        m_hat = m / bias_correction1
-        v_hat = v / bias_correction2
-        self.state[:] = [weights - learning_rate * m_hat / (mx.sqrt(v_hat) + cfg.eps), m, v]
+        self.state[:] = [
+            weights - step_size * m / (mx.sqrt(v) * inverse_root_bias_correction2 + cfg.eps),
+            m, v]
         return loss
 
-    @staticmethod
-    def _token_inputs(batch: TokenBatch):
-        return mx.array(batch.padded.reshape(-1, 1)), mx.array(batch.lengths)
+    def _token_inputs(self, batch: TokenBatch):
+        """(tokens, lengths) as MLX arrays: the arguments of _forward_backward."""
+        return mx.array(batch.padded.reshape(-1, 1)), mx.array(batch.lengths, dtype=self.mx_dtype)
 
     def _step_inputs(self, batch: TokenBatch, adam: AdamStep):
-        dt = self.mx_dtype
-        return (*self._token_inputs(batch), mx.array(adam.learning_rate, dtype=dt),
-                mx.array(adam.bias_correction1, dtype=dt),
-                mx.array(adam.bias_correction2, dtype=dt))
+        # Two host-to-MLX conversions per step (each costs microseconds): the tokens, and the
+        # floats in one array. Adam's scalars enter as data, not Python floats, so that a new
+        # learning rate is new data for the compiled graph rather than a constant to retrace.
+        scalars = mx.array([adam.learning_rate / adam.bias_correction1,
+                            1.0 / math.sqrt(adam.bias_correction2), *batch.lengths.tolist()],
+                           dtype=self.mx_dtype)
+        return mx.array(batch.padded.reshape(-1, 1)), scalars
 
     def train_step(self, batch, adam):
         with mx.stream(self.mx_device):
@@ -439,6 +443,26 @@ class MLXBackend(Backend):
         sampling_seconds = time.perf_counter() - start
         return {"compile_train_step": compile_seconds, "compile_next_logits": sampling_seconds}
 
+    def configure_process(self):
+        """On the CPU, put all of this process's threads on one core. MLX evaluates each graph
+        node by handing it from the calling thread to its CPU stream's worker thread, about
+        80 hand-offs per training step; between two cores each one wakes the other core (on
+        this 2-vCPU VM, a hypervisor exit), on one core it is a cheap switch. Measured here:
+        median 0.75 against 0.47 ms per step. Threads made later inherit the affinity."""
+        if self.device != "cpu" or not hasattr(os, "sched_setaffinity"):
+            return {}
+        if os.environ.get(PIN_ENV_VAR, "1") == "0":
+            return {"cpu_affinity": f"left to the OS ({PIN_ENV_VAR}=0)"}
+        cpu = min(os.sched_getaffinity(0))
+        allowed = set()  # read back from every thread, for the result file
+        for thread in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(thread), {cpu})
+                allowed |= os.sched_getaffinity(int(thread))
+            except OSError:  # the thread ended meanwhile
+                pass
+        return {"cpu_affinity": sorted(allowed)}
+
     def sync(self):
         # Nothing is ever left queued: train_step evaluates the loss and the whole new state
         # (every node of the step feeds one of them) and mx.eval waits for them, and the
@@ -466,25 +490,26 @@ class MLXBackend(Backend):
         self.sampling_trace_count += 1
         cfg = self.config
         C = cfg.n_embd
-        p = self._matrices(weights)
+        p, p_t = self._matrices(weights), self._transposed_matrices(weights)
         token, position = token_and_position[0:1], token_and_position[1:2]
         x, _ = rmsnorm(p["wte"][token] + p["wpe"][position])  # (1, C)
         written = self.position_column == position  # (T, 1): the cache row to write
-        mask = self.causal_mask[position]  # (1, H*T): keys 0..position
+        mask = self.causal_mask[position]  # (1, T): keys 0..position
         keys_out, values_out = [], []
         for i in range(cfg.n_layer):
             xn, _ = rmsnorm(x)
-            qkv = xn @ p[f"layer{i}.attn_wqkv"].T  # (1, 3C)
+            qkv = xn @ p_t[f"layer{i}.attn_wqkv"]  # (1, 3C)
             keys = mx.where(written, qkv[:, C:2 * C], cache_keys[i])  # (T, C)
             values = mx.where(written, qkv[:, 2 * C:], cache_values[i])
             keys_out.append(keys)
             values_out.append(values)
-            heads, _ = self._attention(qkv[:, :C], keys, values, mask)  # (1, C)
-            x = mx.addmm(x, heads, p[f"layer{i}.attn_wo"].T)
+            out, _ = self._attention(self._to_heads(qkv[:, :C], 1, 1), self._to_heads(keys, 1, 1),
+                                     self._to_heads(values, 1, 1), mask)
+            x = mx.addmm(x, self._from_heads(out), p_t[f"layer{i}.attn_wo"])
             xn2, _ = rmsnorm(x)
-            hidden = mx.maximum(xn2 @ p[f"layer{i}.mlp_fc1"].T, 0)  # (1, 4C)
+            hidden = mx.maximum(xn2 @ p_t[f"layer{i}.mlp_fc1"], 0)  # (1, 4C)
             x = mx.addmm(x, hidden, p[f"layer{i}.mlp_fc2_t"])
-        logits = (x @ p["lm_head"].T)[0]  # (V,)
+        logits = (x @ p_t["lm_head"])[0]  # (V,)
         return logits, keys_out, values_out
 
     def next_logits(self, token, position):

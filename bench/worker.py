@@ -182,6 +182,9 @@ def run(request: dict, result: dict) -> dict:
     result["device"] = backend.device
     result["framework_versions"] = backend_class.framework_versions()
     result["setup"] = {"import_s": import_s, "data_s": data_s, "init_s": init_s}
+    process_settings = backend.configure_process()
+    if process_settings:
+        result["process_settings"] = process_settings
 
     _enter_phase(result, "compile", device=backend.device)
     start = clock()

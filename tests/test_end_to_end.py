@@ -52,6 +52,7 @@ def test_result_file_schema(result_file):
         assert run["parity"]["passed"] and run["parity"]["steps_compared"] == STEPS
         assert len(run["infer"]["samples"]) == 5 and run["infer"]["tokens_per_s"] > 0
         assert "numpy" in run["framework_versions"] or key[0] == "python"
+        assert "process_settings" not in run  # only backends that ask for some (mlx) have it
     assert runs[("python", "float32")]["status"] == "unavailable"
     assert "float32" in runs[("python", "float32")]["error"]
     # Same weights, same stream: float64 backends sample the same names.

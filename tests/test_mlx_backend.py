@@ -10,6 +10,12 @@ them, MLX's CPU backend builds each fused kernel with the C++ compiler (about 10
 cached under $TMPDIR/mlx afterwards; about 50 s for the whole file then); with a warm cache
 the whole file takes 7-20 s here, depending on the machine's load.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -254,3 +260,29 @@ def test_the_gpu_has_no_float64(tiny_spec, monkeypatch):
     monkeypatch.setattr(mlx_backend, "_gpu_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
         make_backend("mlx", tiny_spec, "float64", "gpu")
+
+
+# ---- the benchmark worker's process settings --------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_in_worker(tmp_path, **environment):
+    """One short mlx run through bench.py (a worker process of its own); its result."""
+    path = tmp_path / f"mlx-{len(list(tmp_path.glob('*.json')))}.json"
+    completed = subprocess.run(
+        [sys.executable, "bench.py", "--backend", "mlx", "--device", "cpu", "--steps", "20",
+         "--samples", "1", "--warmup", "1", "--json", str(path), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **environment})
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (run,) = json.loads(path.read_text())["runs"]
+    assert run["status"] == "ok"
+    return run
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_worker_pins_its_threads_to_one_core(tmp_path):
+    run = run_in_worker(tmp_path)
+    assert len(run["process_settings"]["cpu_affinity"]) == 1  # read back from every thread
+    unpinned = run_in_worker(tmp_path, **{mlx_backend.PIN_ENV_VAR: "0"})
+    assert "left to the OS" in unpinned["process_settings"]["cpu_affinity"]
