@@ -1,66 +1,159 @@
-"""The backend registry: every backend by name, its module imported only when it is used.
+"""The backend registry: every backend by name, with what the suite must know about it before
+importing it.
 
-Importing this package imports no framework; `availability()` looks for packages without
-importing them, so `bench.py --list` stays fast and works with nothing installed.
+Listing backends, checking whether they can run here and planning runs import no framework:
+availability comes from installed-package metadata. A backend's module (and its framework) is
+imported only by `create_backend`, which the harness calls in the backend's own worker process.
+Adding a backend: one module, one line in REGISTRY, one row in the conformance table
+(tests/test_conformance.py).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import importlib.metadata
+import importlib.util
+import os
+import shutil
 
-from backends.base import Availability, Backend, BackendUnavailable
-
-
-@dataclass(frozen=True)
-class BackendEntry:
-    name: str
-    module: str
-    class_name: str
-    in_default_run: bool = True  # the slow reference backends are left out of a plain run
+from backends.contract import Availability, Backend, BackendInfo, BackendUnavailable, GPTConfig
 
 
-REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in [
-    BackendEntry("python", "backends.python_tape", "PythonTapeBackend", in_default_run=False),
-    BackendEntry("numpy", "backends.numpy_backend", "NumpyBackend"),
-    BackendEntry("torch", "backends.torch_backend", "TorchBackend"),
-    BackendEntry("torch-compile", "backends.torch_backend", "TorchCompileBackend"),
-    BackendEntry("mlx", "backends.mlx_backend", "MLXBackend"),
-    BackendEntry("jax", "backends.jax_backend", "JaxBackend"),
-    BackendEntry("max", "backends.max_backend", "MaxBackend"),
-    BackendEntry("max-loop", "backends.max_backend", "MaxLoopBackend"),
-    BackendEntry("mojo", "backends.mojo_backend", "MojoBackend"),
-    BackendEntry("mojo-tape", "backends.mojo_backend", "MojoTapeBackend"),
+def _install_hint(extra: str) -> str:
+    return f'python -m pip install ".[{extra}]" -c constraints.txt'
+
+
+REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
+    BackendInfo("python", "backends.python_tape:PythonTapeBackend",
+                "pure Python scalar autograd tape (structure of arrays)",
+                dtypes=("float64",), default_dtype="float64", in_default_run=False),
+    BackendInfo("numpy", "backends.numpy_backend:NumpyBackend",
+                "numpy, vectorised forward and hand-derived backward, flat Adam buffer",
+                requires=("numpy",), batches=True),
+    BackendInfo("torch", "backends.torch_backend:TorchBackend",
+                "PyTorch eager: hand-written backward pass (no autograd), flat parameter "
+                "buffer, fused Adam kernel",
+                requires=("torch",), install_hint=_install_hint("torch"), batches=True),
+    BackendInfo("torch-compile", "backends.torch_backend:TorchCompileBackend",
+                "PyTorch torch.compile (Inductor): forward, backward and Adam in one graph, "
+                "inputs padded to block_size so that the graph compiles once",
+                requires=("torch",), install_hint=_install_hint("torch"), batches=True,
+                needs_cxx_compiler=True),
+    BackendInfo("mlx", "backends.mlx_backend:MLXBackend",
+                "MLX, whole step under mx.compile, hand-written backward, one weight buffer, "
+                "padded fixed shapes",
+                requires=("mlx",), batches=True,
+                install_hint=_install_hint("mlx") + "  (Linux: installs mlx[cpu]; mlx[cuda] "
+                                                    "for NVIDIA GPUs)"),
+    BackendInfo("jax", "backends.jax_backend:JaxBackend",
+                "JAX, whole step under jax.jit (value_and_grad + Adam), donated flat buffers",
+                requires=("jax",), install_hint=_install_hint("jax"), batches=True),
+    BackendInfo("max", "backends.max_backend:MaxBackend",
+                "Modular MAX graphs: forward, hand-derived backward and Adam in one graph",
+                requires=("max",), install_hint=_install_hint("max"), dtypes=("float32",),
+                batches=True),
+    BackendInfo("max-loop", "backends.max_backend:MaxLoopBackend",
+                "Modular MAX graphs: K training steps per call in a graph while loop",
+                requires=("max",), install_hint=_install_hint("max"), dtypes=("float32",),
+                batches=True),
+    BackendInfo("mojo", "backends.mojo_backend:MojoBackend",
+                "Mojo, forward + hand-derived backward + Adam on contiguous buffers (SIMD), "
+                "a Python extension module",
+                requires=("mojo",), install_hint=_install_hint("mojo"), batches=True),
+    BackendInfo("mojo-tape", "backends.mojo_backend:MojoTapeBackend",
+                "Mojo, the python backend's scalar autograd tape compiled (structure of "
+                "arrays, reverse walk)",
+                requires=("mojo",), install_hint=_install_hint("mojo"), default_dtype="float64"),
 ]}
 
 
 class UnknownBackend(KeyError):
     def __str__(self):
-        return (f"unknown backend {self.args[0]!r}; valid backends: "
-                f"{', '.join(REGISTRY)}")
+        return f"unknown backend {self.args[0]!r}; valid backends: {', '.join(REGISTRY)}"
 
 
-def backend_names() -> list[str]:
-    return list(REGISTRY)
-
-
-def get_backend_class(name: str) -> type[Backend]:
+def backend_info(name: str) -> BackendInfo:
     if name not in REGISTRY:
         raise UnknownBackend(name)
-    entry = REGISTRY[name]
-    module = importlib.import_module(entry.module)
-    return getattr(module, entry.class_name)
+    return REGISTRY[name]
+
+
+def _cxx_compiler() -> str | None:
+    for compiler in (os.environ.get("CXX", ""), "g++", "c++", "clang++"):
+        if compiler and shutil.which(compiler):
+            return compiler
+    return None
 
 
 def availability(name: str) -> Availability:
-    """Whether `name` can run here and, if not, why. Never raises for a registered name."""
-    try:
-        backend_class = get_backend_class(name)
-    except UnknownBackend:
-        raise
-    except Exception as error:  # a broken or missing backend module must not break --list
-        return Availability(False, f"backend module failed to import: {error}")
-    return backend_class.availability()
+    """Whether `name` can run here and, if not, why, from installed-package metadata: nothing
+    is imported. What only the framework can tell (no GPU, a failed native build) is reported
+    by the backend's worker as `unavailable`."""
+    info = backend_info(name)
+    missing = [package for package in info.requires if importlib.util.find_spec(package) is None]
+    if missing:
+        return Availability(False, f"package {', '.join(missing)} is not installed",
+                            info.install_hint)
+    if info.needs_cxx_compiler and _cxx_compiler() is None:
+        return Availability(False, f"{name} needs a C++ compiler (g++ or clang++, or $CXX) "
+                                   "and none was found",
+                            "install one, e.g. `apt-get install g++` or `xcode-select --install`")
+    return Availability(True)
 
 
-__all__ = ["Availability", "Backend", "BackendEntry", "BackendUnavailable", "REGISTRY",
-           "UnknownBackend", "availability", "backend_names", "get_backend_class"]
+def framework_versions(name: str) -> dict[str, str]:
+    versions = {}
+    for package in backend_info(name).requires:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def backend_class(name: str) -> type[Backend]:
+    """Import the backend's module (and its framework) and return its class."""
+    module_name, _, class_name = backend_info(name).target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+EXTRA_BACKENDS_ENV_VAR = "MICROGPT_BENCH_EXTRA_BACKENDS"
+
+
+def register_extra_backends(environ=os.environ) -> list[str]:
+    """Test hook: add the backends named in MICROGPT_BENCH_EXTRA_BACKENDS
+    ("name=module:Class,...") to this process's registry, left out of a plain run. The fault
+    tests run deliberately broken backends through the real harness with it. A name that is
+    already registered is refused, so the hook can never stand in for a real backend. Returns
+    the names added; a malformed entry raises ValueError naming it."""
+    names = []
+    for item in filter(None, (part.strip()
+                              for part in environ.get(EXTRA_BACKENDS_ENV_VAR, "").split(","))):
+        name, _, target = item.partition("=")
+        module, _, class_name = target.partition(":")
+        if not (name and module and class_name):
+            raise ValueError(f"{EXTRA_BACKENDS_ENV_VAR}: {item!r} is not name=module:Class")
+        if name in REGISTRY and REGISTRY[name].target != target:
+            raise ValueError(f"{EXTRA_BACKENDS_ENV_VAR}: {name!r} is a registered backend; "
+                             "a test backend needs a name of its own")
+        REGISTRY[name] = BackendInfo(name, target, f"test backend {target}",
+                                     in_default_run=False)
+        names.append(name)
+    return names
+
+
+def create_backend(name: str, config: GPTConfig, vocab_size: int, dtype: str,
+                   device: str | None = None) -> Backend:
+    """A new backend instance; raises BackendUnavailable when it cannot run this request
+    (package missing, dtype or batch size not supported, no such device)."""
+    info = backend_info(name)
+    found = availability(name)
+    if not found.available:
+        raise BackendUnavailable(found.reason + (f"; {found.install_hint}"
+                                                 if found.install_hint else ""))
+    info.check_request(config, dtype)
+    return backend_class(name)(config, vocab_size, dtype, device)
+
+
+__all__ = ["EXTRA_BACKENDS_ENV_VAR", "REGISTRY", "Availability", "Backend", "BackendInfo",
+           "BackendUnavailable", "UnknownBackend", "availability", "backend_class", "backend_info", "create_backend",
+           "framework_versions", "register_extra_backends"]

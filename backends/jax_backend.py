@@ -9,7 +9,7 @@ Design notes (at 4,192 parameters a step is dispatch and per-kernel overhead, no
   switch stays on, so every array and constant this backend makes carries an explicit dtype
   and a float32 step computes in float32 throughout (the tests check its HLO for f64).
 - It also turns off JAX's asynchronous CPU dispatch: the step then runs on the calling thread
-  (~0.3 -> ~0.18 ms per step here).
+  (a hand-off to a worker thread costs more than a step of this size).
 - Flat buffers: the step takes the parameters, m and v as three `[P]` arrays (three donated
   buffers per call instead of 27, updated in place by XLA) and slices the model's matrices out
   of them inside the jitted function; the gradients are taken with respect to those matrices
@@ -30,28 +30,23 @@ import time
 
 import numpy as np
 
-from backends.base import Availability, Backend, BackendUnavailable, TokenBatch
-from bench.config import AdamStep
+from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
 
-try:  # the module must import (for the registry's availability check) without JAX installed
-    import jax
-    import jax.numpy as jnp
+import jax
+import jax.numpy as jnp
 
-    jax.config.update("jax_enable_x64", True)  # see the module docstring
-    # Run each computation inline on the calling thread instead of handing it to a worker
-    # thread: at this size the hand-off costs more than the step (~300 -> ~180 us per step
-    # here). Read when JAX creates its CPU client, so it only takes effect if nothing in the
-    # process used JAX before this import; details() reports whether it did.
-    try:  # a private helper: None (unknown) if a later JAX moves it
-        from jax._src.xla_bridge import backends_are_initialized
-        _INLINE_CPU_DISPATCH = not backends_are_initialized()
-    except (ImportError, AttributeError):  # pragma: no cover
-        _INLINE_CPU_DISPATCH = None
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-except ImportError:  # pragma: no cover - exercised only where JAX is missing
-    jax = jnp = None
+jax.config.update("jax_enable_x64", True)  # see the module docstring
+# Run each computation inline on the calling thread instead of handing it to a worker thread:
+# at this size the hand-off costs more than the step. Read when JAX creates its CPU client, so
+# it only takes effect if nothing in the process used JAX before this import; details()
+# reports whether it did.
+try:  # a private helper: None (unknown) if a later JAX moves it
+    from jax._src.xla_bridge import backends_are_initialized
+    _INLINE_CPU_DISPATCH = not backends_are_initialized()
+except (ImportError, AttributeError):  # pragma: no cover
+    _INLINE_CPU_DISPATCH = None
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
-RMS_EPS = 1e-5
 DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
 
 
@@ -68,39 +63,26 @@ def rmsnorm(x):
 
 class JaxBackend(Backend):
     name = "jax"
-    description = "JAX, whole step under jax.jit (value_and_grad + Adam), donated flat buffers"
-    requires = ("jax",)
-    install_hint = 'python -m pip install ".[jax]" -c constraints.txt'
-    supports_batches = True
-    default_dtype = "float32"
+    provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
-        if jax is None:
-            raise BackendUnavailable(f"jax is not installed; {self.install_hint}")
         super().__init__(config, vocab_size, dtype, device)
         self.jax_device = _jax_devices(self.device)[0]
         self.jnp_dtype = jnp.float64 if dtype == "float64" else jnp.float32
         self.np_dtype = np.dtype(dtype)
-        # name -> (offset, shape) in the flat buffers, in the spec's draw order
-        self.layout = {}
-        offset = 0
-        for name, (rows, cols) in self.shapes.items():
-            self.layout[name] = (offset, (rows, cols))
-            offset += rows * cols
-        self.num_parameters = offset
+        self.num_parameters = self.layout.total
         # The matrices the model computes with, tiling the same flat buffer in the same order:
         # wq, wk and wv lie one after the other in the spec's order, so `layer{i}.attn_wqkv`
         # (3C, C) is one slice and the three projections are one matmul.
         C = config.n_embd
         self.model_layout = {}
-        for name, (offset, (rows, cols)) in self.layout.items():
+        for name, (rows, cols), offset in self.layout.entries:
             if name.endswith((".attn_wk", ".attn_wv")):
                 continue
             if name.endswith(".attn_wq"):
                 name, rows = name.replace(".attn_wq", ".attn_wqkv"), 3 * C
             self.model_layout[name] = (offset, (rows, cols))
-        self.trace_count = 0  # times the training step was traced (the tests read it)
-        self.sampling_trace_count = 0
+        self.traces = {"train_step": 0, "next_logits": 0}  # Python runs only while tracing
         cfg = config
         T = cfg.block_size
         self.causal = np.tril(np.ones((T, T), dtype=bool))  # (T, T): query t sees keys <= t
@@ -116,14 +98,6 @@ class JaxBackend(Backend):
         self.flat, self.moment1, self.moment2 = (self._device_zeros() for _ in range(3))
         self._empty_cache = None
         self.reset_cache()
-
-    # ---- discovery -------------------------------------------------------------------------
-    @classmethod
-    def availability(cls) -> Availability:
-        found = super().availability()
-        if found.available and jax is None:
-            return Availability(False, "jax is installed but failed to import", cls.install_hint)
-        return found
 
     def resolve_device(self, requested):
         if requested is None:  # JAX's own default: its GPU when jaxlib has one
@@ -174,15 +148,12 @@ class JaxBackend(Backend):
         return tokens, lengths, step_inputs[B * (T + 2):]
 
     def load_parameters(self, parameters):
-        flat = np.concatenate([np.asarray(parameters[name], dtype=np.float64).reshape(-1)
-                               for name in self.layout]).astype(self.np_dtype)
+        flat = self.layout.flatten(parameters).astype(self.np_dtype)
         self.flat = jax.device_put(flat, self.jax_device)
         self.moment1, self.moment2 = self._device_zeros(), self._device_zeros()
 
     def parameters(self):
-        flat = np.asarray(self.flat).astype(np.float64)
-        return {name: flat[offset: offset + rows * cols].reshape(rows, cols).copy()
-                for name, (offset, (rows, cols)) in self.layout.items()}
+        return self.layout.split(np.asarray(self.flat).astype(np.float64))
 
     # ---- training --------------------------------------------------------------------------
     def _loss(self, p, step_inputs):
@@ -219,7 +190,7 @@ class JaxBackend(Backend):
 
     def _step_function(self, flat, moment1, moment2, step_inputs):
         """One training step: returns the new parameters, moments and the loss."""
-        self.trace_count += 1  # Python runs only while tracing
+        self.traces["train_step"] += 1
         cfg = self.config
         # Gradients of the matrices, not of the flat buffer: the latter would pad every
         # matrix's gradient to (P,) and add them up; one concatenation is cheaper.
@@ -249,9 +220,7 @@ class JaxBackend(Backend):
         unused_adam = AdamStep(step=0, learning_rate=0.0, bias_correction1=1.0,
                                bias_correction2=1.0)
         loss, grad = self._loss_and_grad(self.flat, self._pack_inputs(batch, unused_adam))
-        grad = np.asarray(grad).astype(np.float64)
-        return float(loss), {name: grad[offset: offset + rows * cols].reshape(rows, cols)
-                             for name, (offset, (rows, cols)) in self.layout.items()}
+        return float(loss), self.layout.split(np.asarray(grad).astype(np.float64))
 
     def lowered_train_step_text(self, batch: TokenBatch, adam: AdamStep) -> str:
         """The step's StableHLO (tests check that a float32 step has no f64 in it)."""
@@ -296,7 +265,7 @@ class JaxBackend(Backend):
         """Logits of one token at one position, with the cache row of that position written.
         Fixed shapes (the whole block_size cache, masked past `position`) so that it compiles
         once for every position."""
-        self.sampling_trace_count += 1
+        self.traces["next_logits"] += 1
         cfg = self.config
         H, D, T = cfg.n_head, cfg.head_dim, cfg.block_size
         p = self._split(flat)
@@ -326,6 +295,9 @@ class JaxBackend(Backend):
             self.flat, self.cache_keys, self.cache_values,
             np.array([token, position], dtype=np.int32))
         return np.asarray(logits).astype(np.float64)
+
+    def trace_counts(self):
+        return dict(self.traces)
 
     def details(self):
         return {"device": self.device, "compile": "jax.jit (whole step, donated buffers)",

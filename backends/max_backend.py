@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 
-from backends.base import Backend, BackendUnavailable, TokenBatch
-from bench.config import AdamStep
+from backends.contract import AdamStep, Backend, BackendUnavailable, TokenBatch
 
 ACCELERATOR_NAMES = ("gpu", "cuda", "accelerator")
 
@@ -38,12 +37,7 @@ class MaxBackend(Backend):
     """One compiled MAX graph call per training step; parameters stay in the engine."""
 
     name = "max"
-    description = "Modular MAX graphs: forward, hand-derived backward and Adam in one graph"
-    requires = ("max",)
-    install_hint = 'python -m pip install ".[max]" -c constraints.txt'
-    supported_dtypes = ("float32",)
-    default_dtype = "float32"
-    supports_batches = True
+    provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype="float32", device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -51,10 +45,9 @@ class MaxBackend(Backend):
         from max.engine import InferenceSession
         from max.graph import DeviceRef
 
-        from backends.max_graphs import STATE_ROWS, ParameterLayout
+        from backends.max_graphs import STATE_ROWS
 
         self._Buffer = Buffer
-        self.layout = ParameterLayout.for_config(config, vocab_size)
         self.max_device = Accelerator() if self.device == "gpu" else CPU()
         self.host_device = CPU()
         self.on_host = self.device == "cpu"
@@ -178,14 +171,21 @@ class MaxBackend(Backend):
         views = self.layout.split(self._to_host(self.state)[0])
         return {name: value.astype(np.float64) for name, value in views.items()}
 
-    def adam_moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Adam's (m, v) per parameter as float64. After one step from zero moments,
-        m = (1 - beta1) * gradient, which exposes the graph's gradient to the tests."""
-        state = self._to_host(self.state)
-        first, second = ({name: value.astype(np.float64)
-                          for name, value in self.layout.split(state[row]).items()}
-                         for row in (1, 2))
-        return first, second
+    def loss_and_gradients(self, batch):
+        """The compiled step's own gradient: one step with learning rate 0 from zeroed
+        moments leaves the parameters as they were and m = (1 - beta1) * gradient. The state
+        is restored afterwards."""
+        saved = self._to_host(self.state).copy()
+        zeroed = saved.copy()
+        zeroed[1:] = 0
+        self._copy_in(self.state, zeroed)
+        cfg = self.config
+        loss = self.train_step(batch, AdamStep(step=0, learning_rate=0.0,
+                                               bias_correction1=1 - cfg.beta1,
+                                               bias_correction2=1 - cfg.beta2))
+        first_moment = self._to_host(self.state)[1].astype(np.float64) / (1 - cfg.beta1)
+        self._copy_in(self.state, saved)
+        return loss, self.layout.split(first_moment)
 
     # ---- training --------------------------------------------------------------------------
     def train_step(self, batch: TokenBatch, adam: AdamStep) -> float:
@@ -246,7 +246,6 @@ class MaxLoopBackend(MaxBackend):
     """
 
     name = "max-loop"
-    description = "Modular MAX graphs: K training steps per call in a graph while loop"
     steps_per_call = 50
 
     def _make_step_inputs(self):

@@ -29,44 +29,17 @@ N = B * T rows, P parameters in all, K steps per call (max-loop).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 from max.dtype import DType
 from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, ops
 
-from bench.config import GPTConfig, parameter_shapes
+from backends.contract import RMS_EPS, GPTConfig, ParameterLayout
 
-RMS_EPS = 1e-5
 STATE_ROWS = 3  # parameters, Adam first moment, Adam second moment
 # Per-step Adam scalars fed to the training graph, computed on the host exactly as the numpy
 # float32 backend rounds them: (learning_rate / bias_correction1, 1 / bias_correction2).
 ADAM_SCALARS = 2
-
-
-@dataclass(frozen=True)
-class ParameterLayout:
-    """Where each named parameter lives in the flat buffer (spec draw order, row-major)."""
-    entries: tuple[tuple[str, tuple[int, int], int], ...]  # (name, [out, in], offset)
-    total: int
-
-    @classmethod
-    def for_config(cls, config: GPTConfig, vocab_size: int) -> "ParameterLayout":
-        entries, offset = [], 0
-        for name, shape in parameter_shapes(config, vocab_size):
-            entries.append((name, shape, offset))
-            offset += shape[0] * shape[1]
-        return cls(tuple(entries), offset)
-
-    def slice(self, flat, first: str, last: str):
-        """The flat range from parameter `first` through `last` (adjacent in draw order)."""
-        offsets = {name: (offset, rows * cols) for name, (rows, cols), offset in self.entries}
-        return flat[offsets[first][0]: offsets[last][0] + offsets[last][1]]
-
-    def split(self, flat):
-        """name -> [out, in] view of a flat numpy array or graph tensor."""
-        return {name: flat[offset: offset + rows * cols].reshape((rows, cols))
-                for name, (rows, cols), offset in self.entries}
 
 
 # ---- small graph helpers --------------------------------------------------------------------

@@ -39,24 +39,18 @@ import math
 import os
 import time
 
+import mlx.core as mx
 import numpy as np
 
-from backends.base import Availability, Backend, BackendUnavailable, TokenBatch
-from bench.config import AdamStep
+from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
 
-try:  # the module must import (for the registry's availability check) without MLX installed
-    import mlx.core as mx
-except ImportError:  # pragma: no cover - exercised only where MLX is missing
-    mx = None
-
-RMS_EPS = 1e-5
 # "0" leaves the CPU affinity of an mlx worker process to the OS (see configure_process).
 PIN_ENV_VAR = "MICROGPT_BENCH_MLX_PIN"
 DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "cuda": "gpu"}
 
 
 def _gpu_available() -> bool:
-    return mx is not None and mx.is_available(mx.gpu)
+    return mx.is_available(mx.gpu)
 
 
 # MLX's CPU `exp` (and so `softmax`, `logsumexp`) evaluates in float32 with a fast polynomial
@@ -116,17 +110,9 @@ def rmsnorm_backward(x, sum_sq, dy):
 
 class MLXBackend(Backend):
     name = "mlx"
-    description = ("MLX, whole step under mx.compile, hand-written backward, one weight "
-                   "buffer, padded fixed shapes")
-    requires = ("mlx",)
-    install_hint = ('python -m pip install ".[mlx]" -c constraints.txt  '
-                    '(Linux: installs mlx[cpu]; mlx[cuda] for NVIDIA GPUs)')
-    supports_batches = True
-    default_dtype = "float32"
+    provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
-        if mx is None:
-            raise BackendUnavailable(f"mlx is not installed; {self.install_hint}")
         super().__init__(config, vocab_size, dtype, device)
         if dtype == "float64" and self.device == "gpu":
             raise BackendUnavailable("MLX supports float64 on the CPU only; "
@@ -152,8 +138,7 @@ class MLXBackend(Backend):
             rows += out_features
         self.num_rows = rows
         self.row_boundaries = [first for first, _ in self.row_layout.values()][1:]
-        self.trace_count = 0  # times the training step was traced (the tests read it)
-        self.sampling_trace_count = 0
+        self.traces = {"train_step": 0, "next_logits": 0}  # Python runs only while tracing
         with mx.stream(self.mx_device):
             self._build_constants()
             zeros = mx.zeros((self.num_rows, C), dtype=self.mx_dtype)
@@ -166,14 +151,6 @@ class MLXBackend(Backend):
         self._sample_step = mx.compile(self._next_logits_function)
         self._empty_cache = None
         self.reset_cache()
-
-    # ---- discovery -------------------------------------------------------------------------
-    @classmethod
-    def availability(cls) -> Availability:
-        found = super().availability()
-        if found.available and mx is None:
-            return Availability(False, "mlx is installed but failed to import", cls.install_hint)
-        return found
 
     def resolve_device(self, requested):
         if requested is None:  # MLX's own choice: its GPU (Metal or CUDA) when it has one
@@ -378,7 +355,7 @@ class MLXBackend(Backend):
         """One training step on self.state; returns the loss. Traced once by mx.compile.
         scalars: (2 + B,): Adam's lr / bias_correction1 and 1 / sqrt(bias_correction2), then
         the lengths."""
-        self.trace_count += 1  # Python runs only while tracing
+        self.traces["train_step"] += 1
         cfg = self.config
         weights, m, v = self.state
         step_size, inverse_root_bias_correction2, lengths = mx.split(scalars, [1, 2])
@@ -448,8 +425,8 @@ class MLXBackend(Backend):
         """On the CPU, put all of this process's threads on one core. MLX evaluates each graph
         node by handing it from the calling thread to its CPU stream's worker thread, about
         80 hand-offs per training step; between two cores each one wakes the other core (on
-        this 2-vCPU VM, a hypervisor exit), on one core it is a cheap switch. Measured here
-        (bench.py --backend mlx --repeat 3): median 0.649 unpinned against 0.461 ms per step. Threads made later inherit the affinity."""
+        a small VM, a hypervisor exit), on one core it is a cheap switch. The README's mlx row
+        gives what it buys. Threads made later inherit the affinity."""
         if self.device != "cpu" or not hasattr(os, "sched_setaffinity"):
             return {}
         if os.environ.get(PIN_ENV_VAR, "1") == "0":
@@ -488,7 +465,7 @@ class MLXBackend(Backend):
         (cache_keys, cache_values: a (T, C) array per layer). Fixed shapes (the whole
         block_size cache, masked past `position`) so that it compiles once for every
         position."""
-        self.sampling_trace_count += 1
+        self.traces["next_logits"] += 1
         cfg = self.config
         C = cfg.n_embd
         p, p_t = self._matrices(weights), self._transposed_matrices(weights)
@@ -519,6 +496,9 @@ class MLXBackend(Backend):
                 self.state[0], self.cache_keys, self.cache_values,
                 mx.array([token, position], dtype=mx.int32))
             return np.array(logits).astype(np.float64)
+
+    def trace_counts(self):
+        return dict(self.traces)
 
     def details(self):
         return {"device": self.device, "compile": "mx.compile (whole step)",

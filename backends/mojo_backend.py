@@ -40,10 +40,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from backends.base import Availability, Backend, BackendUnavailable
+from backends.contract import Backend, BackendUnavailable
 
 SOURCE_DIR = Path(__file__).resolve().parent / "mojo"
-INSTALL_HINT = 'python -m pip install ".[mojo]" -c constraints.txt'
 # Error messages keep the compiler's first lines: the first error is the one that matters.
 ERROR_LINES_SHOWN = 20
 
@@ -228,30 +227,23 @@ def _python_noop():
 class _MojoExtensionBackend(Backend):
     """What both Mojo backends share: the build, the model object, parameters and sampling."""
 
-    requires = ("mojo",)
-    install_hint = INSTALL_HINT
     extension: ClassVar[str]  # the .mojo file (and Python module) name
     source_dir: ClassVar[Path] = SOURCE_DIR
     model_classes: ClassVar[dict[str, str]]  # dtype -> Mojo type bound in the module
 
-    @classmethod
-    def availability(cls) -> Availability:
-        found = super().availability()
-        if not found.available:
-            return found
-        problem = build_problem(cls.extension, cls.source_dir)
-        if problem:
-            return Availability(False, problem, cls.install_hint)
-        return found
+    provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
-        if importlib.util.find_spec("mojo") is None:
-            raise BackendUnavailable(f"package mojo is not installed; {self.install_hint}")
+        # Known without compiling: a missing compiler, or an earlier failed build of this
+        # exact source.
+        problem = build_problem(self.extension, self.source_dir)
+        if problem:
+            raise BackendUnavailable(problem)
         self._extension: LoadedExtension | None = None
         self._model = None
         self._pending_parameters: np.ndarray | None = None  # loaded before the build
-        self._num_parameters = config.num_parameters(vocab_size)
+        self._num_parameters = self.layout.total
         self._logits = np.zeros(vocab_size)  # next_logits writes here (float64)
         self._logits_address = self._logits.ctypes.data
         self._call_overhead: dict[str, float] | None = None
@@ -286,8 +278,7 @@ class _MojoExtensionBackend(Backend):
             if np.shape(parameters[name]) != shape:
                 raise ValueError(f"parameter {name} has shape {np.shape(parameters[name])}, "
                                  f"expected {shape}")
-        flat = np.concatenate([np.asarray(parameters[name], dtype=np.float64).reshape(-1)
-                               for name in self.shapes])
+        flat = self.layout.flatten(parameters)
         if self._model is None:
             self._pending_parameters = flat
         else:
@@ -296,19 +287,12 @@ class _MojoExtensionBackend(Backend):
     def parameters(self):
         flat = np.empty(self._num_parameters)
         self._ensure_model().copy_parameters(flat.ctypes.data, flat.size)
-        return self._split(flat)
-
-    def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        arrays, offset = {}, 0
-        for name, (rows, cols) in self.shapes.items():
-            arrays[name] = flat[offset: offset + rows * cols].reshape(rows, cols)
-            offset += rows * cols
-        return arrays
+        return self.layout.split(flat)
 
     def _loss_and_gradients(self, tokens):
         flat = np.empty(self._num_parameters)
         loss = self._ensure_model().loss_and_gradients(tokens, flat.ctypes.data)
-        return loss, self._split(flat)
+        return loss, self.layout.split(flat)
 
     # ---- sampling -------------------------------------------------------------------------
     def reset_cache(self):
@@ -345,9 +329,6 @@ class _MojoExtensionBackend(Backend):
 
 class MojoBackend(_MojoExtensionBackend):
     name = "mojo"
-    description = ("Mojo, forward + hand-derived backward + Adam on contiguous buffers (SIMD), "
-                   "a Python extension module")
-    supports_batches = True
     extension = "microgpt_native"
     model_classes = {"float32": "NativeModel32", "float64": "NativeModel64"}
 
@@ -379,9 +360,6 @@ class MojoBackend(_MojoExtensionBackend):
 
 class MojoTapeBackend(_MojoExtensionBackend):
     name = "mojo-tape"
-    description = ("Mojo, the python backend's scalar autograd tape compiled (structure of "
-                   "arrays, reverse walk)")
-    default_dtype = "float64"
     extension = "microgpt_tape"
     model_classes = {"float32": "TapeModel32", "float64": "TapeModel64"}
 

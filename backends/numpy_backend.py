@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.base import Backend, TokenBatch
-from bench.config import AdamStep
+from backends.contract import RMS_EPS, AdamStep, Backend, TokenBatch
 
-RMS_EPS = 1e-5
 
 
 def rmsnorm(x):
@@ -36,15 +34,12 @@ def rmsnorm_backward(y, scale, dy):
 
 class NumpyBackend(Backend):
     name = "numpy"
-    description = "numpy, vectorised forward and hand-derived backward, flat Adam buffer"
-    requires = ("numpy",)
-    supports_batches = True
+    provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
         self.np_dtype = np.dtype(dtype)
-        sizes = [rows * cols for rows, cols in self.shapes.values()]
-        total = sum(sizes)
+        total = self.layout.total
         # One flat buffer each for parameters, gradients and Adam moments; the named arrays are
         # views into them, so the optimizer is a handful of whole-buffer operations.
         self.flat = np.zeros(total, dtype=self.np_dtype)
@@ -52,13 +47,8 @@ class NumpyBackend(Backend):
         self.adam_m = np.zeros(total, dtype=self.np_dtype)
         self.adam_v = np.zeros(total, dtype=self.np_dtype)
         self.scratch = np.zeros(total, dtype=self.np_dtype)
-        self.params, self.grads, self.offsets = {}, {}, {}
-        offset = 0
-        for (name, shape), size in zip(self.shapes.items(), sizes):
-            self.params[name] = self.flat[offset: offset + size].reshape(shape)
-            self.grads[name] = self.flat_grad[offset: offset + size].reshape(shape)
-            self.offsets[name] = offset
-            offset += size
+        self.params = self.layout.split(self.flat)
+        self.grads = self.layout.split(self.flat_grad)
         self._views = {}
         self.identity_vocab = np.eye(vocab_size, dtype=self.np_dtype)
         self.position_index = np.arange(config.batch_size * config.block_size)
@@ -85,9 +75,9 @@ class NumpyBackend(Backend):
         order), so one [3C, C] view serves q, k and v as a single matrix product."""
         if i not in self._views:
             C = self.config.n_embd
-            start = self.offsets[f"layer{i}.attn_wq"]
-            self._views[i] = (self.flat[start: start + 3 * C * C].reshape(3 * C, C),
-                              self.flat_grad[start: start + 3 * C * C].reshape(3 * C, C))
+            first, last = f"layer{i}.attn_wq", f"layer{i}.attn_wv"
+            self._views[i] = (self.layout.slice(self.flat, first, last).reshape(3 * C, C),
+                              self.layout.slice(self.flat_grad, first, last).reshape(3 * C, C))
         return self._views[i]
 
     def _forward(self, inputs):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 
-from backends.base import Backend
+from backends.contract import RMS_EPS, Backend
 
-RMS_EPS = 1e-5
 
 
 class Tape:
@@ -61,10 +60,6 @@ class Tape:
 
 class PythonTapeBackend(Backend):
     name = "python"
-    description = "pure Python scalar autograd tape (structure of arrays), float64"
-    requires = ()
-    supported_dtypes = ("float64",)
-    default_dtype = "float64"
 
     def __init__(self, config, vocab_size, dtype="float64", device=None):
         super().__init__(config, vocab_size, dtype, device)

@@ -38,24 +38,17 @@ compiled graph, columns in the eager step), C = n_embd, H heads, D = head_dim, V
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import NamedTuple
 
 import numpy as np
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # availability() reports the missing package; this module stays importable
-    torch = None
+import torch
+import torch.nn.functional as F
 
-from backends.base import Availability, Backend, BackendUnavailable, TokenBatch
-from bench.config import AdamStep, adam_step
+from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch, adam_step
 
-RMS_EPS = 1e-5
 IGNORE = -100  # cross_entropy's ignore_index: target of a padded position
-INSTALL_HINT = 'python -m pip install ".[torch]" -c constraints.txt'
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op thread count
 
 
@@ -144,24 +137,14 @@ def _mps_available() -> bool:
 
 class TorchBackend(Backend):
     name = "torch"
-    description = ("PyTorch eager: hand-written backward pass (no autograd), flat parameter "
-                   "buffer, fused Adam kernel")
-    requires = ("torch",)
-    install_hint = INSTALL_HINT
-    default_dtype = "float32"
-    supports_batches = True
-    # Intra-op threads on the CPU (also used by torch-compile's generated code). Measured on the
-    # 2-core CI machine, tiny config, float32, p10 of 1,000 steps, two runs each, alternated:
-    # the autograd eager step of that time 0.72 / 0.72 ms with 1 thread, 0.83 / 0.96 ms with 2;
-    # compiled 0.10 / 0.10 ms with 1, 0.14 / 0.20 ms with 2 (medians worse still: 2 threads wait
-    # for a busy second core). The hand-written eager step, medians of 4 alternated runs:
-    # 0.34 ms with 1 thread, 0.45 ms with 2.
-    # The tensors are far too small for parallel-for to pay for its synchronisation.
+    provides_gradients = True
+    # Intra-op threads on the CPU (also used by torch-compile's generated code): the tensors
+    # are far too small for parallel-for to pay for its synchronisation, and a second thread
+    # waits for a busy second core (slower with 2 threads than 1 on a 2-core machine, eager
+    # and compiled alike).
     cpu_threads = 1
 
     def __init__(self, config, vocab_size, dtype, device=None):
-        if torch is None:
-            raise BackendUnavailable(f"package torch is not installed; {INSTALL_HINT}")
         super().__init__(config, vocab_size, dtype, device)  # resolves the device
         if self.device == "mps" and dtype == "float64":
             raise BackendUnavailable(
@@ -175,16 +158,16 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.cpu_threads)
         self.torch_dtype = torch.float64 if dtype == "float64" else torch.float32
         self.np_dtype = np.dtype(dtype)
-        self.layout = FlatLayout(config, vocab_size)
-        make = lambda: torch.zeros(self.layout.size, dtype=self.torch_dtype,  # noqa: E731
+        self.storage = FlatLayout(config, vocab_size)
+        make = lambda: torch.zeros(self.storage.size, dtype=self.torch_dtype,  # noqa: E731
                                    device=self.device)
         self.flat, self.flat_grad, self.adam_m, self.adam_v = make(), make(), make(), make()
-        self.spec_views = self.layout.spec_views(self.flat)
+        self.spec_views = self.storage.spec_views(self.flat)
         # Stored blocks ([in, out], see FlatLayout), their [out, in] transposes for the forward
         # pass (W @ x), and the gradient blocks the backward pass writes into.
-        self.weights = self.layout.views(self.flat)
+        self.weights = self.storage.views(self.flat)
         self.weights_out_in = {name: view.t() for name, view in self.weights.items()}
-        self.gradients = self.layout.views(self.flat_grad)
+        self.gradients = self.storage.views(self.flat_grad)
         self._make_constants()
         self._stage_templates = {}  # (B, T) -> host template of the step's inputs
         self.reset_cache()
@@ -435,7 +418,7 @@ class TorchBackend(Backend):
     def loss_and_gradients(self, batch: TokenBatch):
         """The loss and every gradient as float64 [out, in] arrays, without updating (tests)."""
         loss = self._loss_and_gradients(self._stage(batch))
-        grads = self.layout.spec_views(self.flat_grad)
+        grads = self.storage.spec_views(self.flat_grad)
         return loss.item(), {name: np.array(view.cpu().numpy(), dtype=np.float64)
                              for name, view in grads.items()}
 
@@ -637,22 +620,9 @@ _COMPILED_STEPS: dict = {}  # (config, vocab size, dtype, device) -> CompiledSte
 
 class TorchCompileBackend(TorchBackend):
     name = "torch-compile"
-    description = ("PyTorch torch.compile (Inductor): forward, backward and Adam in one graph, "
-                   "inputs padded to block_size so that the graph compiles once")
-
-    @classmethod
-    def availability(cls) -> Availability:
-        found = super().availability()
-        if not found.available:
-            return found
-        # Inductor builds its kernels (and, on CUDA, Triton's launchers) with a C++ compiler
-        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-        if not any(compiler and shutil.which(compiler) for compiler in compilers):
-            return Availability(False, "torch.compile needs a C++ compiler (g++ or clang++, "
-                                       "or $CXX) and none was found",
-                                "install one, e.g. `apt-get install g++` or `xcode-select "
-                                "--install`")
-        return found
+    # Its gradients are the compiled graph's own, not exposed apart (the inherited eager
+    # loss_and_gradients would test the torch row's code, not this one's).
+    provides_gradients = False
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -675,7 +645,7 @@ class TorchCompileBackend(TorchBackend):
                 torch._dynamo.mark_static_address(buffer)
         key = (config, vocab_size, dtype, self.device)
         if key not in _COMPILED_STEPS:
-            _COMPILED_STEPS[key] = CompiledStep(make_padded_train_step(self.layout, config),
+            _COMPILED_STEPS[key] = CompiledStep(make_padded_train_step(self.storage, config),
                                                 self.device)
         self.compiled = _COMPILED_STEPS[key]
         # Dynamo's process-wide counters; "unique_graphs" grows by one per compiled graph

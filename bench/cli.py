@@ -33,18 +33,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from backends import REGISTRY, availability, get_backend_class
-from backends.base import DTYPES
+from backends import REGISTRY, UnknownBackend, availability, register_extra_backends
+from backends.contract import DTYPES, PRESETS, ConfigError, build_spec, preset
 from bench import results
-from bench.config import PRESETS, ConfigError, preset
 from bench.environment import collect_environment
 from bench.external import (STATUS_DIFFERENT_INIT, ExternalSpecError, parse_external_option,
                             run_external)
 from bench.parity import reference_losses
+from bench.planning import plan_runs, select_backends
 from bench.runner import STATUS_OK, STATUS_UNAVAILABLE, Interrupted, RunRequest, run_backend
-from bench.spec import build_spec
 from bench.stats import summarize_runs, summary_notes
-from bench.worker import register_extra_backends
 from data.dataset import DATASET_ENV_VAR, DatasetError, load_dataset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
             return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return run_command(build_parser().parse_args(argv), argv)
-    except (UsageError, ConfigError, DatasetError, ExternalSpecError,
+    except (UsageError, UnknownBackend, ConfigError, DatasetError, ExternalSpecError,
             results.ResultFileError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return EXIT_USAGE
@@ -145,43 +143,13 @@ def list_backends() -> int:
     table = Table(title="microgpt-bench backends")
     for column in ("backend", "available", "dtypes", "in default run", "why not / install"):
         table.add_column(column)
-    for name, entry in REGISTRY.items():
+    for name, info in REGISTRY.items():
         status = availability(name)
-        dtypes = "-"
-        if status.available:
-            dtypes = ", ".join(get_backend_class(name).supported_dtypes)
         why = "" if status.available else f"{status.reason}. {status.install_hint}".strip()
-        table.add_row(name, "yes" if status.available else "no", dtypes,
-                      "yes" if entry.in_default_run else "no (--backend or --all)", why)
+        table.add_row(name, "yes" if status.available else "no", ", ".join(info.dtypes),
+                      "yes" if info.in_default_run else "no (--backend or --all)", why)
     _stdout_console().print(table)
     return EXIT_OK
-
-
-def select_backends(args) -> list[str]:
-    unknown = [name for name in args.backend if name not in REGISTRY]
-    if unknown:
-        raise UsageError(f"unknown backend {unknown[0]!r}; valid backends: "
-                         f"{', '.join(REGISTRY)}")
-    if args.backend:
-        return list(dict.fromkeys(args.backend))
-    return [name for name, entry in REGISTRY.items()
-            if (args.all or entry.in_default_run) and availability(name).available]
-
-
-def plan_runs(names: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
-    """(backend, dtype) pairs; a named dtype a backend lacks still becomes a run, reported as
-    unavailable by the worker, so the table says why it is missing."""
-    pairs = []
-    for name in names:
-        backend_dtypes = dtypes or ["default"]
-        for dtype in backend_dtypes:
-            if dtype == "default":
-                try:
-                    dtype = get_backend_class(name).default_dtype
-                except Exception:  # a module that fails to import: let the worker report it
-                    dtype = "float32"
-            pairs.append((name, dtype))
-    return list(dict.fromkeys(pairs))
 
 
 def parse_externals(options: list[str]) -> list:
@@ -262,7 +230,7 @@ def run_command(args, argv: list[str]) -> int:
     check_arguments(args)
     config = preset(args.config, num_steps=args.steps, batch_size=args.batch_size)
     externals = parse_externals(args.external)
-    names = select_backends(args)
+    names = select_backends(args.backend, include_slow=args.all)
     if not names and not externals:
         raise UsageError("no backend can run here; see `python bench.py --list`")
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.spec import SpecInstance
+from backends.contract import SpecInstance
 
 # Largest allowed |loss - reference loss| at any step. float64 backends compute the same
 # function to rounding, so 1e-9 leaves room only for summation order. float32 numpy stays within
@@ -135,9 +135,9 @@ def _cache_key(spec: SpecInstance, steps: int, dataset_sha256: str) -> str:
 
 
 def _numpy_losses(spec: SpecInstance, steps: int, dtype: str) -> list[float]:
-    from backends.numpy_backend import NumpyBackend
+    from backends import create_backend
     from bench.training import train
-    backend = NumpyBackend(spec.config, spec.tokenizer.vocab_size, dtype)
+    backend = create_backend("numpy", spec.config, spec.tokenizer.vocab_size, dtype)
     backend.load_parameters(spec.parameters)
     return train(backend, spec, steps).losses
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import results, stats
-from bench.config import GPTConfig
+from backends.contract import GPTConfig
 from bench.parity import LOSS_TOLERANCE
 
 EXIT_OK, EXIT_ERROR = 0, 2

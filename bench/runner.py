@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.config import GPTConfig
+from backends.contract import GPTConfig
 from bench.parity import compare_losses
 from bench.worker import EVENT_PREFIX, read_loss_log
 

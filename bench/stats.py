@@ -255,7 +255,7 @@ def config_label(config: dict | None) -> str:
     with the batch size when it is not 1."""
     if not config:
         return "?"
-    from bench.config import PRESETS
+    from backends.contract import PRESETS
     shape = tuple(config.get(field) for field in SHAPE_FIELDS)
     name = next((preset_name for preset_name, preset in PRESETS.items()
                  if tuple(getattr(preset, field) for field in SHAPE_FIELDS) == shape), None)

@@ -1,7 +1,7 @@
 """`python bench.py sweep`: how each backend scales with model size and batch size, within a
 time budget.
 
-Runs the presets (bench.config.PRESETS: tiny, small, medium, large) at batch sizes 1, 8 and 32
+Runs the presets (backends.contract.PRESETS: tiny, small, medium, large) at batch sizes 1, 8 and 32
 (batch sizes above 1 only for backends whose class has supports_batches) for the chosen
 backends, cheapest configuration first (by estimated FLOPs per step). Every run is a normal
 benchmark run (bench.runner.run_backend: its own process, parity-checked against the numpy
@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends import REGISTRY, availability, get_backend_class
+from backends import REGISTRY, UnknownBackend, backend_info
+from backends.contract import PRESETS, ConfigError, GPTConfig, build_spec, preset
 from bench import results
-from bench.config import PRESETS, ConfigError, GPTConfig, preset
 from bench.environment import collect_environment
 from bench.parity import reference_losses
 from bench.runner import STATUS_OK, STATUS_TIMEOUT, Interrupted, RunRequest, run_backend
-from bench.spec import build_spec
+from bench.planning import check_known, default_backends, plan_runs
 from data.dataset import DatasetError, load_dataset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -127,13 +127,6 @@ class SweepSettings:
     seed: int = 0
 
 
-def _supports_batches(backend: str) -> bool:
-    try:
-        return bool(get_backend_class(backend).supports_batches)
-    except Exception:  # a module that fails to import: its batch-1 run reports why
-        return False
-
-
 def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runner=run_backend,
               clock=time.monotonic, log=print) -> dict:
     """Run the sweep into `document` (saved with `save(document)` after every run) and return
@@ -146,7 +139,7 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
     last_measured: dict[tuple, tuple[dict, SweepPoint]] = {}
     last_reference: tuple[float, SweepPoint] | None = None
     order_rng = random.Random(settings.seed)
-    batch_support = {backend: _supports_batches(backend) for backend, _ in settings.pairs}
+    batch_support = {backend: backend_info(backend).batches for backend, _ in settings.pairs}
 
     def skip(backend, dtype, point, reason, projected=None):
         skipped.append({"backend": backend, "dtype": dtype, "preset": point.preset,
@@ -289,32 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_backends() -> list[str]:
-    return [name for name, entry in REGISTRY.items()
-            if entry.in_default_run and availability(name).available]
-
-
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
     console = Console(stderr=True)
     try:
         return _main(build_parser().parse_args(argv), argv, console)
-    except (SweepError, ConfigError, DatasetError, results.ResultFileError) as error:
+    except (SweepError, UnknownBackend, ConfigError, DatasetError,
+            results.ResultFileError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
 
 
 def _main(args, argv: list[str], console) -> int:
-    from bench.cli import plan_runs  # the CLI's (backend, dtype) pairing, default dtypes
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     unknown = [name for name in presets if name not in PRESETS]
     if unknown or not presets:
         raise SweepError(f"unknown preset {unknown[0] if unknown else args.presets!r}; "
                          f"choose from {', '.join(PRESETS)}")
-    unknown = [name for name in args.backend if name not in REGISTRY]
-    if unknown:
-        raise SweepError(f"unknown backend {unknown[0]!r}; valid backends: {', '.join(REGISTRY)}")
+    check_known(args.backend)
     for name, value, low in (("--steps", args.steps, 1), ("--repeat", args.repeat, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:

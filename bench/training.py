@@ -10,9 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from backends.base import Backend, TokenBatch
-from bench.config import adam_step
-from bench.spec import SpecInstance
+from backends.contract import Backend, SpecInstance, TokenBatch, adam_step
 
 
 @dataclass
@@ -37,9 +35,7 @@ DIVERGENCE_FACTOR = 100.0
 
 
 def prepare_batches(spec: SpecInstance, steps: int) -> list[TokenBatch]:
-    bos, block = spec.tokenizer.bos, spec.config.block_size
-    return [TokenBatch.from_sequences(spec.step_sequences(step), block, bos)
-            for step in range(steps)]
+    return [spec.step_batch(step) for step in range(steps)]
 
 
 def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
@@ -47,15 +43,15 @@ def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
     """Run `steps` (default: the config's num_steps) timed training steps from the backend's
     current state. `on_step(step, loss)` is called outside the timed region.
 
-    A backend with `steps_per_call` > 1 and `train_steps(batches, adams) -> losses` (max-loop)
-    is timed per call of up to that many steps, and each step of a call is credited an equal
+    A backend with `steps_per_call` > 1 (max-loop) is timed per `train_steps` call of up to
+    that many steps, and each step of a call is credited an equal
     share of the call's time: its per-step figures are call averages, not single steps."""
     steps = spec.config.num_steps if steps is None else steps
     batches = prepare_batches(spec, steps)
     adam = [adam_step(spec.config, step) for step in range(steps)]
     diverged_above = DIVERGENCE_FACTOR * math.log(spec.tokenizer.vocab_size)
-    steps_per_call = getattr(backend, "steps_per_call", 1)
-    multi_step = steps_per_call > 1 and hasattr(backend, "train_steps")
+    steps_per_call = backend.steps_per_call
+    multi_step = steps_per_call > 1
     run = TrainingRun()
     clock = time.perf_counter
     step = 0

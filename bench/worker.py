@@ -17,10 +17,8 @@ timed apart:
   train    the timed steps (bench.training.train)
   sample   the timed sampling
 
-Test hook: EXTRA_BACKENDS_ENV_VAR (MICROGPT_BENCH_EXTRA_BACKENDS="name=module:Class,...") adds
-backends to the registry of this process and of the CLI, left out of a plain run. The fault
-tests use it to run deliberately broken backends (tests/fault_backends.py) through the real
-runner without shipping fault code in the real backends.
+The test hook backends.register_extra_backends is applied here as in the CLI, so the fault
+tests run deliberately broken backends (tests/fault_backends.py) through the real runner.
 """
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ import time
 import traceback
 
 EVENT_PREFIX = "@@microgpt-bench "
-EXTRA_BACKENDS_ENV_VAR = "MICROGPT_BENCH_EXTRA_BACKENDS"
 # Progress events while training are sent at most this often: one per step (a pipe write that
 # wakes the runner) slowed numpy's median step by ~8% on a busy 2-core machine.
 EVENT_INTERVAL_S = 0.2
@@ -79,24 +76,6 @@ def write_json_atomically(path: str, document: dict) -> None:
     with open(temporary, "w") as handle:
         json.dump(document, handle)
     os.replace(temporary, path)
-
-
-def register_extra_backends(environ=os.environ) -> list[str]:
-    """Add the backends named in EXTRA_BACKENDS_ENV_VAR to the registry (test hook); returns
-    their names. A malformed entry raises ValueError naming it."""
-    spec = environ.get(EXTRA_BACKENDS_ENV_VAR, "").strip()
-    if not spec:
-        return []
-    from backends import REGISTRY, BackendEntry
-    names = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, target = item.partition("=")
-        module, _, class_name = target.partition(":")
-        if not (name and module and class_name):
-            raise ValueError(f"{EXTRA_BACKENDS_ENV_VAR}: {item!r} is not name=module:Class")
-        REGISTRY[name] = BackendEntry(name, module, class_name, in_default_run=False)
-        names.append(name)
-    return names
 
 
 def step_statistics(step_seconds: list[float]) -> dict:
@@ -148,18 +127,22 @@ def run(request: dict, result: dict) -> dict:
 
     _enter_phase(result, "setup")
     start = clock()
-    from backends import BackendUnavailable, get_backend_class
-    from bench.config import GPTConfig
-    from bench.spec import build_spec
+    from backends import (BackendUnavailable, availability, backend_class, backend_info,
+                          framework_versions, register_extra_backends)
+    from backends.contract import GPTConfig, build_spec
     from bench.training import sample, train
     from data.dataset import load_dataset
 
     register_extra_backends()
-    backend_class = get_backend_class(request["backend"])
-    availability = backend_class.availability()
-    if not availability.available:
-        result.update(status="unavailable", error=availability.reason,
-                      install_hint=availability.install_hint)
+    name = request["backend"]
+    found = availability(name)
+    if not found.available:
+        result.update(status="unavailable", error=found.reason, install_hint=found.install_hint)
+        return result
+    try:
+        implementation = backend_class(name)  # imports the framework
+    except ImportError as error:  # installed but broken (a missing shared library, ...)
+        result.update(status="unavailable", error=f"cannot import it: {one_line(error)}")
         return result
     import_s = clock() - start
 
@@ -171,8 +154,9 @@ def run(request: dict, result: dict) -> dict:
 
     start = clock()
     try:
-        backend = backend_class(config, spec.tokenizer.vocab_size, request["dtype"],
-                                request.get("device"))
+        backend_info(name).check_request(config, request["dtype"])
+        backend = implementation(config, spec.tokenizer.vocab_size, request["dtype"],
+                                 request.get("device"))
     except BackendUnavailable as error:
         result.update(status="unavailable", error=str(error))
         return result
@@ -180,7 +164,7 @@ def run(request: dict, result: dict) -> dict:
     backend.sync()
     init_s = clock() - start
     result["device"] = backend.device
-    result["framework_versions"] = backend_class.framework_versions()
+    result["framework_versions"] = framework_versions(name)
     result["setup"] = {"import_s": import_s, "data_s": data_s, "init_s": init_s}
     process_settings = backend.configure_process()
     if process_settings:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import preset
-from bench.spec import build_spec
+from backends.contract import preset
+from backends.contract import build_spec
 from data.dataset import CACHE_PATH, load_dataset
 from tests.helpers import make_backend, train_losses
 

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends import get_backend_class
-from backends.base import TokenBatch
-from bench.config import adam_step
-from bench.spec import SpecInstance
+from backends import create_backend
+from backends.contract import SpecInstance, TokenBatch, adam_step
 from bench.training import prepare_batches, train
 
 
 def make_backend(name: str, spec: SpecInstance, dtype: str, device: str | None = None):
-    backend = get_backend_class(name)(spec.config, spec.tokenizer.vocab_size, dtype, device)
+    backend = create_backend(name, spec.config, spec.tokenizer.vocab_size, dtype, device)
     backend.load_parameters(spec.parameters)
     return backend
 

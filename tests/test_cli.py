@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import cli, results
-from bench.worker import EXTRA_BACKENDS_ENV_VAR
+from backends import EXTRA_BACKENDS_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--backend", "numpy", "--steps", "20", "--warmup", "0", "--quiet"]

@@ -1,7 +1,7 @@
 """The config dataclass, its presets and validation, and the per-step Adam scalars."""
 import pytest
 
-from bench.config import PRESETS, ConfigError, GPTConfig, adam_step, parameter_shapes, preset
+from backends.contract import PRESETS, ConfigError, GPTConfig, adam_step, parameter_shapes, preset
 
 
 def test_tiny_is_the_spec_default():

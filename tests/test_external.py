@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from bench import results
-from bench.config import preset
+from backends.contract import preset
 from bench.external import (PRECISION_SLACK, STATUS_DIFFERENT_INIT, ExternalSpecError,
                             ParsedOutput, StepLoss, judge, parse_external_option)
 from bench.parity import reference_losses
-from bench.spec import build_spec
+from backends.contract import build_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -56,8 +56,8 @@ def write_programs(directory: Path, dataset) -> dict[str, str]:
         import sys
         sys.path.insert(0, {str(REPO)!r})
         from backends.numpy_backend import NumpyBackend
-        from bench.config import preset
-        from bench.spec import build_spec
+        from backends.contract import preset
+        from backends.contract import build_spec
         from bench.training import sample, train
         from data.dataset import load_dataset
         spec = build_spec(load_dataset().docs, preset("tiny", num_steps={STEPS}))

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from bench import results
-from bench.config import preset
+from backends.contract import preset
 from bench.parity import reference_losses
 from bench.runner import ProcessOutcome, describe_exit, failure_of, stderr_reason
-from bench.spec import build_spec
-from bench.worker import EXTRA_BACKENDS_ENV_VAR, register_extra_backends
+from backends.contract import build_spec
+from backends import EXTRA_BACKENDS_ENV_VAR, register_extra_backends
 from tests.fault_backends import (FAULT_PIDFILE_ENV_VAR, FAULT_STEP_ENV_VAR, STEP_SLEEP_ENV_VAR,
                                   registry_value)
 

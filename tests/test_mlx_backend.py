@@ -22,11 +22,11 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from backends import mlx_backend  # noqa: E402  (after the skip)
-from backends.base import BackendUnavailable, TokenBatch  # noqa: E402
+from backends.contract import BackendUnavailable, TokenBatch  # noqa: E402
 from backends.mlx_backend import MLXBackend  # noqa: E402
-from bench.config import adam_step, preset  # noqa: E402
+from backends.contract import adam_step, preset  # noqa: E402
 from bench.parity import LOSS_TOLERANCE  # noqa: E402
-from bench.spec import build_spec  # noqa: E402
+from backends.contract import build_spec  # noqa: E402
 from bench.training import prepare_batches, sample  # noqa: E402
 from tests.helpers import (  # noqa: E402
     make_backend, max_parameter_difference, step_batch, train_losses)

@@ -21,10 +21,10 @@ if importlib.util.find_spec("mojo") is None:
     pytest.skip("mojo is not installed", allow_module_level=True)
 
 from backends import mojo_backend  # noqa: E402  (after the skip)
-from backends.base import BackendUnavailable, TokenBatch  # noqa: E402
-from bench.config import adam_step, preset  # noqa: E402
+from backends.contract import BackendUnavailable, TokenBatch  # noqa: E402
+from backends.contract import adam_step, preset  # noqa: E402
 from bench.parity import LOSS_TOLERANCE  # noqa: E402
-from bench.spec import build_spec  # noqa: E402
+from backends.contract import build_spec  # noqa: E402
 from bench.training import sample  # noqa: E402
 from tests.helpers import (  # noqa: E402
     make_backend, max_parameter_difference, step_batch, train_losses)
@@ -232,8 +232,8 @@ def test_runs_from_another_working_directory(tmp_path, numpy_reference):
     script = (
         "import json\n"
         "from backends.mojo_backend import MojoBackend\n"
-        "from bench.config import preset\n"
-        "from bench.spec import build_spec\n"
+        "from backends.contract import preset\n"
+        "from backends.contract import build_spec\n"
         "from bench.training import train\n"
         "from data.dataset import load_dataset\n"
         "spec = build_spec(load_dataset().docs, preset('tiny'))\n"

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from backends import numpy_backend
-from backends.base import TokenBatch
-from bench.config import preset
+from backends.contract import TokenBatch
+from backends.contract import preset
 from bench.parity import LOSS_TOLERANCE
-from bench.spec import build_spec
+from backends.contract import build_spec
 from bench.training import prepare_batches, sample
 from tests.helpers import make_backend, max_parameter_difference, step_batch, train_losses
 

@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from bench.config import preset
+from backends.contract import preset
 from bench.parity import (FLOAT32_DRIFT_FACTOR, FLOAT32_STRICT_STEPS, LOSS_TOLERANCE,
                           ReferenceLosses,
                           compare_losses, reference_losses)
-from bench.spec import build_spec
+from backends.contract import build_spec
 
 
 def test_float64_tolerance_is_tight():

@@ -59,6 +59,6 @@ def test_host_softmax_matches_the_original_order_of_operations():
 
 
 def test_rejects_float32(tiny_spec):
-    from backends.base import BackendUnavailable
+    from backends.contract import BackendUnavailable
     with pytest.raises(BackendUnavailable, match="float32"):
         make_backend("python", tiny_spec, "float32")

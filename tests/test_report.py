@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.config import preset
+from backends.contract import preset
 from tests.test_stats import synthetic_document
 
 CONFIGS = (("numpy", "float32", 0.3), ("numpy", "float64", 0.35), ("python", "float64", 25.0))

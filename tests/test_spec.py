@@ -3,8 +3,8 @@ import random
 
 import numpy as np
 
-from bench.config import preset
-from bench.spec import build_spec
+from backends.contract import preset
+from backends.contract import build_spec
 
 
 def test_documents_and_tokenizer(dataset, tiny_spec):

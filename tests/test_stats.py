@@ -13,7 +13,7 @@ import random
 import pytest
 
 from bench import results, stats
-from bench.config import preset
+from backends.contract import preset
 from bench.worker import step_statistics
 
 FINGERPRINT = "0123456789abcdef"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import results, sweep
-from bench.config import preset
+from backends.contract import preset
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 27

@@ -1,6 +1,7 @@
-"""The model and training configuration of the common spec (SPEC.md), with named presets.
+"""The model and training configuration (SPEC.md, "Hyper-parameters" and "Presets"), the
+parameter shapes and their flat layout, the per-step Adam scalars, and the spec's constants.
 
-`GPTConfig` is the one object every backend, the runner and the tests take. `tiny` is the
+`GPTConfig` is the one object every backend, the harness and the tests take. `tiny` is the
 spec's default (the original microgpt.py); the larger presets keep every rule of the spec and
 exist for scaling runs.
 """
@@ -8,6 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+import numpy as np
+
+# The dtypes a backend may compute in; the reference computes in float64.
+DTYPES = ("float32", "float64")
+# rmsnorm(x) = x * (mean(x*x) + RMS_EPS) ** -0.5
+RMS_EPS = 1e-5
 
 
 class ConfigError(ValueError):
@@ -20,7 +28,7 @@ class GPTConfig:
     n_embd: int = 16
     n_head: int = 4
     block_size: int = 16
-    batch_size: int = 1  # documents per step; 1 is the original program (SPEC.md, "Beyond")
+    batch_size: int = 1  # documents per step; 1 is the original program (SPEC.md, "Batches")
     num_steps: int = 1000
     learning_rate: float = 0.01
     beta1: float = 0.85
@@ -68,7 +76,7 @@ class GPTConfig:
         return cls(**values)
 
     def num_parameters(self, vocab_size: int) -> int:
-        return sum(rows * cols for _, (rows, cols) in parameter_shapes(self, vocab_size))
+        return ParameterLayout.for_config(self, vocab_size).total
 
 
 # Width, depth and context grow together; `tiny` is SPEC.md's default.
@@ -112,8 +120,50 @@ def parameter_shapes(config: GPTConfig, vocab_size: int) -> list[tuple[str, tupl
 
 
 @dataclass(frozen=True)
+class ParameterLayout:
+    """Where each parameter lives in one flat buffer: the spec's draw order, each row-major
+    (SPEC.md, "Flat layout"). Backends that keep parameters and Adam moments in flat buffers
+    use this, so that the order is defined once."""
+    entries: tuple[tuple[str, tuple[int, int], int], ...]  # (name, [out, in], offset)
+    total: int
+
+    @classmethod
+    def for_config(cls, config: GPTConfig, vocab_size: int) -> "ParameterLayout":
+        entries, offset = [], 0
+        for name, shape in parameter_shapes(config, vocab_size):
+            entries.append((name, shape, offset))
+            offset += shape[0] * shape[1]
+        return cls(tuple(entries), offset)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: shape for name, shape, _ in self.entries}
+
+    def span(self, name: str) -> tuple[int, int]:
+        """(start, stop) of parameter `name` in the flat buffer."""
+        for entry_name, (rows, cols), offset in self.entries:
+            if entry_name == name:
+                return offset, offset + rows * cols
+        raise KeyError(name)
+
+    def slice(self, flat, first: str, last: str):
+        """The flat range from parameter `first` through `last` (adjacent in draw order)."""
+        return flat[self.span(first)[0]: self.span(last)[1]]
+
+    def split(self, flat) -> dict:
+        """name -> [out, in] view of a flat buffer (numpy array or any tensor with reshape)."""
+        return {name: flat[offset: offset + rows * cols].reshape((rows, cols))
+                for name, (rows, cols), offset in self.entries}
+
+    def flatten(self, parameters: dict, dtype="float64"):
+        """The named [out, in] arrays concatenated into one numpy buffer in layout order."""
+        return np.concatenate([np.asarray(parameters[name], dtype=dtype).reshape(-1)
+                               for name, _, _ in self.entries])
+
+
+@dataclass(frozen=True)
 class AdamStep:
-    """The scalars of one Adam update, computed once in float64 by the runner so that every
+    """The scalars of one Adam update, computed once in float64 by the harness so that every
     backend applies exactly the same learning rate and bias corrections."""
     step: int
     learning_rate: float  # lr_s = lr * (1 - s / num_steps)

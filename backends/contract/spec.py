@@ -1,7 +1,8 @@
-"""The spec's one random stream: shuffled documents, tokenizer, initial float64 weights, and the
-generator state that sampling continues from (SPEC.md, "Random state").
+"""The spec's one random stream and data order (SPEC.md, "Data" and "Random state"): shuffled
+documents, the tokenizer, the initial float64 weights, each step's token batch, and the
+generator state that sampling continues from.
 
-Everything here is deterministic given the documents and the config, so the runner, every
+Everything here is deterministic given the documents and the config, so the harness, every
 backend process and the tests rebuild exactly the same instance.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.config import GPTConfig, parameter_shapes
+from backends.contract.config import GPTConfig, parameter_shapes
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,33 @@ class Tokenizer:
         return cls(tuple(sorted(set("".join(docs)))))
 
 
+@dataclass(frozen=True)
+class TokenBatch:
+    """One training step's tokens, prepared by the harness outside the timed region.
+
+    `sequences[b]` is [BOS] + ids + [BOS] cut to at most block_size + 1 tokens (inputs are
+    [:-1], targets [1:]). `padded` holds the same rows padded with BOS to block_size + 1, for
+    backends that want one fixed shape; `lengths[b]` is the number of predicted positions n.
+    """
+    sequences: list[list[int]]
+    padded: np.ndarray  # int32 [B, block_size + 1]
+    lengths: np.ndarray  # int32 [B]
+
+    @classmethod
+    def from_sequences(cls, sequences: list[list[int]], block_size: int, pad: int) -> "TokenBatch":
+        padded = np.full((len(sequences), block_size + 1), pad, dtype=np.int32)
+        for row, tokens in enumerate(sequences):
+            padded[row, : len(tokens)] = tokens
+        lengths = np.array([len(tokens) - 1 for tokens in sequences], dtype=np.int32)
+        return cls(sequences=sequences, padded=padded, lengths=lengths)
+
+    @property
+    def position_mask(self) -> np.ndarray:
+        """float64 [B, block_size]: 1 where a position is predicted, 0 for padding."""
+        positions = np.arange(self.padded.shape[1] - 1)
+        return (positions[None, :] < self.lengths[:, None]).astype(np.float64)
+
+
 @dataclass
 class SpecInstance:
     config: GPTConfig
@@ -62,6 +90,10 @@ class SpecInstance:
             tokens = [self.tokenizer.bos] + self.tokenizer.encode(doc) + [self.tokenizer.bos]
             sequences.append(tokens[: self.config.block_size + 1])
         return sequences
+
+    def step_batch(self, step: int) -> TokenBatch:
+        return TokenBatch.from_sequences(self.step_sequences(step), self.config.block_size,
+                                         self.tokenizer.bos)
 
 
 def build_spec(docs: list[str], config: GPTConfig) -> SpecInstance:

@@ -1,0 +1,137 @@
+"""The interface every backend implements, and how a backend declares itself to the registry.
+
+The harness owns the training loop and the clock; a backend only knows how to take one step,
+how to produce next-token logits with a key/value cache, and how to hand its parameters back as
+numpy arrays for parity checks. Optional capabilities are declared here with a default (a flag
+or a method that says "not supported"), so the harness never probes a backend with getattr.
+Framework imports happen inside a backend's module, never here.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from backends.contract.config import DTYPES, AdamStep, GPTConfig, ParameterLayout
+from backends.contract.spec import TokenBatch
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (missing package, no such device, unsupported dtype)."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""  # why not, when not available
+    install_hint: str = ""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the registry knows of a backend without importing it: enough to list it, say
+    whether it can run here and plan its runs."""
+    name: str
+    target: str  # "module:Class"
+    summary: str
+    requires: tuple[str, ...] = ()  # Python packages it imports (their versions are recorded)
+    install_hint: str = ""
+    dtypes: tuple[str, ...] = DTYPES
+    default_dtype: str = "float32"  # what a run without --dtype uses
+    batches: bool = False  # supports batch_size > 1
+    in_default_run: bool = True  # the slow reference backends are left out of a plain run
+    needs_cxx_compiler: bool = False  # builds native code at run time (torch.compile)
+
+    def check_request(self, config: GPTConfig, dtype: str) -> None:
+        """Raise BackendUnavailable for a dtype or batch size this backend does not support."""
+        if dtype not in self.dtypes:
+            raise BackendUnavailable(f"backend {self.name} does not support dtype {dtype}; "
+                                     f"it supports: {', '.join(self.dtypes)}")
+        if config.batch_size > 1 and not self.batches:
+            raise BackendUnavailable(f"backend {self.name} does not support batch_size > 1")
+
+
+class Backend(abc.ABC):
+    """One implementation of the spec. Construct it through the registry
+    (`backends.create_backend`), which checks the dtype and batch size it declares."""
+
+    name: ClassVar[str]
+    # Optional capabilities, each with a working default:
+    # - training steps per call: > 1 means `train_steps` runs that many steps in one call and
+    #   the harness times the call (its per-step figures are call averages);
+    steps_per_call: ClassVar[int] = 1
+    # - `loss_and_gradients`: the loss and every gradient of one step, without updating
+    #   anything (the conformance tests compare gradients with numpy's).
+    provides_gradients: ClassVar[bool] = False
+
+    def __init__(self, config: GPTConfig, vocab_size: int, dtype: str, device: str | None = None):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.dtype = dtype
+        self.device = self.resolve_device(device)
+        self.layout = ParameterLayout.for_config(config, vocab_size)
+        self.shapes = self.layout.shapes
+
+    def resolve_device(self, requested: str | None) -> str:
+        """The device to run on; raise BackendUnavailable for a device this backend lacks."""
+        if requested not in (None, "cpu"):
+            raise BackendUnavailable(f"backend {self.name} runs on the CPU only, "
+                                     f"not on {requested!r}")
+        return "cpu"
+
+    # ---- the work --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def load_parameters(self, parameters: dict[str, np.ndarray]) -> None:
+        """Take the spec's float64 parameters (and reset the Adam moments to zero)."""
+
+    def prepare(self) -> dict[str, float]:
+        """Compile or build whatever can be built before the first step, without changing
+        the parameters. Returns named durations in seconds (reported apart from training)."""
+        return {}
+
+    @abc.abstractmethod
+    def train_step(self, batch: TokenBatch, adam: AdamStep) -> float:
+        """Forward, backward and the Adam update for one step; returns the loss on the host."""
+
+    def train_steps(self, batches: list[TokenBatch], adams: list[AdamStep]) -> list[float]:
+        """Up to `steps_per_call` steps in one call; returns their losses."""
+        return [self.train_step(batch, adam) for batch, adam in zip(batches, adams)]
+
+    def loss_and_gradients(self, batch: TokenBatch) -> tuple[float, dict[str, np.ndarray]]:
+        """The step's loss and float64 gradients by name, with no update (when
+        `provides_gradients`)."""
+        raise NotImplementedError(f"backend {self.name} does not expose its gradients")
+
+    @abc.abstractmethod
+    def reset_cache(self) -> None:
+        """Empty the key/value cache before a new sample."""
+
+    @abc.abstractmethod
+    def next_logits(self, token: int, position: int) -> np.ndarray:
+        """Logits for `token` at `position` (float64, [vocab]; an array or a list), appending
+        this position's keys and values to the cache."""
+
+    @abc.abstractmethod
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The current parameters as float64 numpy arrays, [out, in]."""
+
+    def sync(self) -> None:
+        """Wait until queued device work has finished (no-op on synchronous backends)."""
+
+    def trace_counts(self) -> dict[str, int]:
+        """How many times each compiled function was traced, for backends that trace (one
+        trace must serve every sequence length); empty for those that do not."""
+        return {}
+
+    def configure_process(self) -> dict:
+        """Process-wide settings (CPU affinity, ...) this backend wants when it has a process
+        of its own, as in the harness's workers; called once, before compilation. Not called
+        in a shared process (the tests), where it would change the other backends'
+        conditions. Returns what was set, recorded in the result file."""
+        return {}
+
+    def details(self) -> dict:
+        """Backend-specific facts for the result file (threads, compile mode, ...)."""
+        return {}
