@@ -65,6 +65,7 @@ class MaxBackend(Backend):
         self.train_model = None
         self.infer_model = None
         self.compile_seconds: dict[str, float] = {}
+        self.compilations: dict[str, int] = {}  # graphs compiled, by label
 
     def _make_step_inputs(self):
         B, T = self.config.batch_size, self.config.block_size
@@ -140,6 +141,7 @@ class MaxBackend(Backend):
         graph = build(self.config, self.vocab_size, self.layout, self.device_ref)
         model = self.session.load(graph)
         self.compile_seconds[label] = time.perf_counter() - start
+        self.compilations[label] = self.compilations.get(label, 0) + 1
         return model
 
     def _ensure_train_model(self):
@@ -218,6 +220,9 @@ class MaxBackend(Backend):
         logits, = self._execute(model, [self.state, self.cache, self.sample_input[1]])
         values = self._to_host(logits)
         return values.astype(np.float64)
+
+    def trace_counts(self):
+        return dict(self.compilations)
 
     def details(self):
         kernels = {}

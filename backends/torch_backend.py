@@ -688,6 +688,9 @@ class TorchCompileBackend(TorchBackend):
             self.compiled.make_direct()
         return loss.item()
 
+    def trace_counts(self):
+        return {"train_step": self.graphs_compiled}
+
     def details(self):
         details = super().details()
         details.update({

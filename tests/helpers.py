@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from backends import create_backend
-from backends.contract import SpecInstance, TokenBatch, adam_step
-from bench.training import prepare_batches, train
+from backends.contract import SpecInstance, TokenBatch
+from bench.training import train
+
+# A full block of tokens for the sampling checks: BOS, then characters.
+SAMPLE_TOKENS = [26, 4, 12, 12, 0, 19, 8, 13, 0, 26, 1, 2, 3, 4, 5, 6]
 
 
 def make_backend(name: str, spec: SpecInstance, dtype: str, device: str | None = None):
@@ -18,13 +21,15 @@ def train_losses(backend, spec: SpecInstance, steps: int) -> np.ndarray:
     return np.array(train(backend, spec, steps).losses)
 
 
-def step_batch(spec: SpecInstance, step: int) -> TokenBatch:
-    return prepare_batches(spec, step + 1)[step]
-
-
 def max_parameter_difference(a: dict, b: dict) -> dict[str, float]:
     assert a.keys() == b.keys()
     return {name: float(np.abs(a[name] - b[name]).max()) for name in a}
 
 
-__all__ = ["adam_step", "make_backend", "max_parameter_difference", "step_batch", "train_losses"]
+def every_length(spec: SpecInstance) -> list[TokenBatch]:
+    """One single-row batch per length 1 .. block_size: [BOS] + n - 1 characters (+ BOS)."""
+    block, bos = spec.config.block_size, spec.tokenizer.bos
+    batches = [TokenBatch.from_sequences([([bos] + [n % 26] * (n - 1) + [bos])[: block + 1]],
+                                         block, bos) for n in range(1, block + 1)]
+    assert sorted(int(batch.lengths[0]) for batch in batches) == list(range(1, block + 1))
+    return batches

@@ -1,7 +1,9 @@
 """The config dataclass, its presets and validation, and the per-step Adam scalars."""
+import numpy as np
 import pytest
 
-from backends.contract import PRESETS, ConfigError, GPTConfig, adam_step, parameter_shapes, preset
+from backends.contract import (PRESETS, ConfigError, GPTConfig, ParameterLayout, adam_step,
+                               parameter_shapes, preset)
 
 
 def test_tiny_is_the_spec_default():
@@ -67,3 +69,20 @@ def test_adam_step_scalars():
     assert last.learning_rate == pytest.approx(0.01 * (1 - 999 / 1000))
     assert first.bias_correction1 == pytest.approx(0.15)
     assert first.bias_correction2 == pytest.approx(0.01)
+
+
+def test_the_flat_layout_is_the_draw_order_row_major():
+    layout = ParameterLayout.for_config(preset("tiny", n_layer=2), 27)
+    assert [name for name, _, _ in layout.entries] == [
+        name for name, _ in parameter_shapes(preset("tiny", n_layer=2), 27)]
+    assert layout.total == preset("tiny", n_layer=2).num_parameters(27)
+    parameters = {name: np.arange(rows * cols, dtype=float).reshape(rows, cols) + offset
+                  for name, (rows, cols), offset in layout.entries}
+    flat = layout.flatten(parameters)
+    np.testing.assert_array_equal(flat, np.arange(layout.total))  # each row-major, in order
+    for name, view in layout.split(flat).items():
+        np.testing.assert_array_equal(view, parameters[name])
+    assert layout.span("wpe") == (27 * 16, 27 * 16 + 16 * 16)
+    np.testing.assert_array_equal(layout.slice(flat, "layer1.attn_wq", "layer1.attn_wv"),
+                                  flat[layout.span("layer1.attn_wq")[0]:
+                                       layout.span("layer1.attn_wv")[1]])

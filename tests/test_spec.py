@@ -3,8 +3,7 @@ import random
 
 import numpy as np
 
-from backends.contract import preset
-from backends.contract import build_spec
+from backends.contract import build_spec, preset
 
 
 def test_documents_and_tokenizer(dataset, tiny_spec):
