@@ -5,22 +5,16 @@ measured on the same machine in the same job. `python -m bench.abtest` (or
 Why A/B and not a stored baseline: a CI runner's speed drifts between jobs and machines by
 more than the regressions worth catching, so both sides are measured together. The parent is
 checked out with `git worktree` into a temporary folder (removed afterwards). Rounds alternate
-the order (AB, BA, AB, ...), each side a fresh `python bench.py` process per round (which in
-turn runs every backend in its own worker process), so slow phases of a shared machine hit both
-sides alike. Each run's fastest step (or --statistic median / q1) of each side is compared
-with bench.compare (Welch's t-test on the logarithms; a regression is significant AND slower
-than --max-slowdown).
+the order (AB, BA, AB, ...), each side a fresh `python bench.py` process per round, so slow
+phases of a shared machine hit both sides alike. Each run's fastest step (or --statistic
+median / q1) is compared with bench.compare (Welch's t-test on the logarithms; a regression is
+significant AND slower than --max-slowdown). The defaults were chosen by comparing unchanged
+code with itself on a loaded shared 2-core machine (README, "CI: an A/B gate").
 
-Exit codes: 0 no regression, or skipped (no parent commit, the parent has no bench.py or not
-the backend, or the parent's benchmark fails: there is nothing to compare against); 1 a
-significant slowdown beyond the threshold; 2 this checkout's own benchmark failed (or bad
-usage).
-
-The defaults (numpy; 12 rounds of 300 steps; per run the fastest step; Welch's t on the logs
-at alpha 0.01; fail above 10% slower) were chosen by measuring unchanged code against itself
-on a shared 2-core machine under a load average of 4 to 6: no false alarm in 75 comparisons of
-12 rounds, the largest A/A ratio 1.025; a deliberate 17% slowdown of the numpy step was caught
-in 5 of 5 trials (p < 3e-4). 26 to 56 s per run on that machine.
+Exit codes (bench.command.ExitCode): 0 no regression, or skipped (no parent commit, the parent
+has no bench.py or not the backend, or the parent's benchmark fails: there is nothing to
+compare against); 1 a significant slowdown beyond the threshold; 2 this checkout's own
+benchmark failed (or bad usage).
 """
 from __future__ import annotations
 
@@ -35,9 +29,9 @@ import time
 from pathlib import Path
 
 from bench import compare, results
-
-EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
+from bench.files import REPO_ROOT, write_atomically
+from bench.record import MEDIAN_MS, MIN_MS, Q1_MS, Status
 DEFAULT_BACKENDS = ("numpy",)
 DEFAULT_ROUNDS = 12
 DEFAULT_STEPS = 300
@@ -45,8 +39,7 @@ DEFAULT_WARMUP = 20
 DEFAULT_MAX_SLOWDOWN = 0.10
 DEFAULT_ALPHA = 0.01
 # Per run, the fastest step: on a busy shared machine other processes add time to some steps,
-# never take it away, so a run's fastest step moves least between runs of the same code
-# (measured A/A: within 2%, where the per-run median moved up to 30%; see README).
+# never take it away, so a run's fastest step moves least between runs of the same code.
 DEFAULT_STATISTIC = "min"
 RUN_TIMEOUT_S = 600
 
@@ -55,7 +48,7 @@ class Skip(Exception):
     """The comparison cannot be made (nothing to compare against): exit 0 with the message."""
 
 
-class ABError(Exception):
+class ABError(UsageError):
     """This checkout's benchmark failed or the usage was wrong: exit 2."""
 
 
@@ -182,7 +175,7 @@ def run_abtest(repo: Path = REPO_ROOT, base_revision: str = "HEAD~1",
                         raise ABError(f"this checkout's benchmark failed: {output}")
                     raise Skip(f"the parent {commit[:10]} cannot run the benchmark "
                                f"({output.splitlines()[-1] if output else 'no output'})")
-                failed = [run for run in document["runs"] if run.get("status") != "ok"]
+                failed = [run for run in document["runs"] if run.get("status") != Status.OK]
                 if failed and side == "A":
                     run = failed[0]
                     raise ABError(f"this checkout's {run['backend']} {run.get('dtype')} run "
@@ -217,10 +210,8 @@ def run_abtest(repo: Path = REPO_ROOT, base_revision: str = "HEAD~1",
                "comparison": comparison.to_dict(),
                # The raw per-run medians, so that thresholds can be re-evaluated afterwards.
                "per_run_ms": {side: [[run["backend"], run.get("dtype"), run["repeat"],
-                                      run["train"]["ms_per_step_median"],
-                                      run["train"].get("ms_per_step_q1"),
-                                      run["train"].get("ms_per_step_min")]
-                                     for run in document["runs"] if run.get("status") == "ok"]
+                                      MEDIAN_MS.of(run), Q1_MS.of(run), MIN_MS.of(run)]
+                                     for run in document["runs"] if run.get("status") == Status.OK]
                               for side, document in (("head", head_document),
                                                      ("base", base_document))}}
     return comparison, summary
@@ -231,14 +222,13 @@ def _only(document: dict, backends: list[str]) -> dict:
 
 
 def _figures(document: dict, statistic: str) -> str:
-    field_name = compare.STATISTICS[statistic]
-    return " ".join(f"{run['backend']} {statistic} "
-                    f"{run['train'].get(field_name) or float('nan'):.4f} ms"
-                    for run in document["runs"] if run.get("status") == "ok")
+    figure = compare.STATISTICS[statistic]
+    return " ".join(f"{run['backend']} {statistic} {figure.of(run) or float('nan'):.4f} ms"
+                    for run in document["runs"] if run.get("status") == Status.OK)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.abtest",
         description="CI performance gate: benchmark this checkout against its parent commit "
                     "on this machine, interleaved, and fail on a significant slowdown. Exit 0: "
@@ -272,14 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: _main(build_parser().parse_args(argv)))
+
+
+def _main(args) -> int:
+    from rich.console import Console
     console = Console(width=None if sys.stdout.isatty() else 160)
-    errors = Console(stderr=True)
     if args.rounds < 2 or args.steps < 2:
-        errors.print("[red]error:[/red] --rounds and --steps must be >= 2", highlight=False)
-        return EXIT_ERROR
+        raise UsageError("--rounds and --steps must be >= 2")
     backends = tuple(dict.fromkeys(args.backend)) or DEFAULT_BACKENDS
     console.print(f"A/B: this checkout against {args.base}; {', '.join(backends)}; "
                   f"{args.rounds} rounds of {args.steps} steps; per-run {args.statistic} of "
@@ -293,25 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     except Skip as skip:
         console.print(f"[yellow]A/B skipped:[/yellow] {skip}", highlight=False)
         if args.json:
-            results.write_atomically(args.json, json.dumps({"skipped": str(skip)}) + "\n")
-        return EXIT_OK
-    except ABError as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        return EXIT_ERROR
+            write_atomically(args.json, json.dumps({"skipped": str(skip)}) + "\n")
+        return ExitCode.OK
     compare.print_comparison(comparison, console, f"parent {summary['base'][:10]}",
                              f"HEAD {summary['head'][:10]}")
     if args.json:
-        results.write_atomically(args.json, json.dumps(summary, indent=1) + "\n")
+        write_atomically(args.json, json.dumps(summary, indent=1) + "\n")
     console.print(f"A/B took {summary['elapsed_s']:.0f} s", highlight=False)
     if comparison.regressions:
         names = ", ".join(f"{row.label} {row.ratio:.3f}x" for row in comparison.regressions)
         console.print(f"[bold red]REGRESSION[/bold red]: {names} slower than the parent "
                       f"(more than {args.max_slowdown:.0%}, p < {args.alpha:g})",
                       highlight=False)
-        return EXIT_REGRESSION
+        return ExitCode.FAILED
     console.print(f"[green]OK[/green]: no significant slowdown beyond "
                   f"{args.max_slowdown:.0%} against the parent", highlight=False)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -2,27 +2,16 @@
 `python bench.py compare|report|sweep ...` are the tools built on result files (their own
 modules).
 
-Exit codes of a benchmark run:
-  0    every run passed: status ok, or "different init" for an --external program that runs
-       sanely from its own initialisation (timed, not verifiable); a backend that cannot run
-       here with the requested dtype/device is reported but fails nothing unless it was named
-       with --backend.
-  1    a run failed; the result file records it with the reason: crashed (signal or exit
-       code), out-of-memory, timeout, error (the backend raised; an external program printed
-       nothing parseable), parity-failed, diverged (NaN or runaway loss), or unavailable for a
-       backend named explicitly with --backend (missing package, no such device, dtype not
-       supported: these need the backend's own import, so they are found by running it).
-  2    bad usage or input, found before anything runs and nothing is written: an unknown
-       backend, an invalid config (--config nope, --steps 0), an unusable dataset (missing,
-       truncated or corrupt: its sha256 is checked), a result file that exists (pass
-       --overwrite), a malformed --external option or a command that does not exist.
-  130  Ctrl-C: the result file (always valid JSON: written atomically after every run) holds
-       every run that finished and the one that was stopped, with its steps so far.
+Exit codes (bench.command.ExitCode, README "When things go wrong"): 0 every run passed (ok, or
+"different init" for an --external program); 1 a run failed, recorded with its reason (an
+unavailable backend fails only when named with --backend); 2 bad usage or input, found before
+anything runs, nothing written; 130 Ctrl-C, the result file keeps every finished run.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import random
 import signal
 import sys
@@ -33,36 +22,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from backends import REGISTRY, UnknownBackend, availability, register_extra_backends
-from backends.contract import DTYPES, PRESETS, ConfigError, build_spec, preset
+from backends import REGISTRY, availability, register_extra_backends
+from backends.contract import DTYPES, PRESETS, build_spec, preset
 from bench import results
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
 from bench.environment import collect_environment
-from bench.external import (STATUS_DIFFERENT_INIT, ExternalSpecError, parse_external_option,
-                            run_external)
+from bench.files import RESULTS_DIR
+from bench.external import parse_external_option, run_external
 from bench.parity import reference_losses
 from bench.planning import plan_runs, select_backends
-from bench.runner import STATUS_OK, STATUS_UNAVAILABLE, Interrupted, RunRequest, run_backend
+from bench.record import MEDIAN_MS, TIMED_STATUSES, Status, losses_of
+from bench.runner import Interrupted, RunRequest, run_backend
 from bench.stats import summarize_runs, summary_notes
-from data.dataset import DATASET_ENV_VAR, DatasetError, load_dataset
+from data.dataset import DATASET_ENV_VAR, load_dataset
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# Statuses that do not fail a run of the suite (see the exit codes above).
-PASSING_STATUSES = (STATUS_OK, STATUS_DIFFERENT_INIT)
 SUBCOMMANDS = {"compare": "bench.compare", "report": "bench.report", "sweep": "bench.sweep",
                "abtest": "bench.abtest"}
 
 
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2, no traceback."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="bench.py",
         description="Train and sample the spec'd MicroGPT on each backend and time it. "
                     "Subcommands: compare BASE.json NEW.json | report FILE... | sweep "
@@ -120,23 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
-    try:
+
+    def body() -> int:
         try:
             register_extra_backends()  # the test hook; a no-op unless its variable is set
         except ValueError as error:  # a malformed MICROGPT_BENCH_EXTRA_BACKENDS
             raise UsageError(str(error)) from None
         if argv and argv[0] in SUBCOMMANDS:
-            import importlib
             return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return run_command(build_parser().parse_args(argv), argv)
-    except (UsageError, UnknownBackend, ConfigError, DatasetError, ExternalSpecError,
-            results.ResultFileError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        return EXIT_USAGE
+
+    try:
+        return run_guarded(body)
     except KeyboardInterrupt:  # outside a run (runs save what they measured themselves)
-        console.print("[yellow]Interrupted.[/yellow]")
-        return EXIT_INTERRUPTED
+        Console(stderr=True).print("[yellow]Interrupted.[/yellow]")
+        return ExitCode.INTERRUPTED
 
 
 def list_backends() -> int:
@@ -149,7 +126,7 @@ def list_backends() -> int:
         table.add_row(name, "yes" if status.available else "no", ", ".join(info.dtypes),
                       "yes" if info.in_default_run else "no (--backend or --all)", why)
     _stdout_console().print(table)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def parse_externals(options: list[str]) -> list:
@@ -182,7 +159,7 @@ def check_arguments(args) -> None:
                                      f"--overwrite")
 
 
-def claim_result_path(args, document: dict, directory: Path = results.RESULTS_DIR) -> Path:
+def claim_result_path(args, document: dict, directory: Path = RESULTS_DIR) -> Path:
     """Write the empty document to the result path before the first run, so that a path that
     cannot be written is a usage error and never costs a run. A default path (a new name under
     `directory`) is created exclusively: an earlier result is never overwritten, and two runs
@@ -294,7 +271,7 @@ def run_command(args, argv: list[str]) -> int:
             results.save(document, path)
         console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}",
                       highlight=False)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     document["complete"] = True
     with sigint_deferred(final=True):
         results.save(document, path)
@@ -304,14 +281,14 @@ def run_command(args, argv: list[str]) -> int:
 
 
 def exit_code_of(runs: list[dict], explicit: set[str]) -> int:
-    """EXIT_FAILED when a run failed; an unavailable backend fails only if named explicitly."""
+    """FAILED when a run failed; an unavailable backend fails only if named explicitly."""
     for run in runs:
-        if run["status"] in PASSING_STATUSES:
+        if run["status"] in TIMED_STATUSES:
             continue
-        if run["status"] == STATUS_UNAVAILABLE and run["backend"] not in explicit:
+        if run["status"] == Status.UNAVAILABLE and run["backend"] not in explicit:
             continue
-        return EXIT_FAILED
-    return EXIT_OK
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 def _run_with_progress(start_run, label: str, total: int | None, console: Console,
@@ -338,16 +315,15 @@ def _run_with_progress(start_run, label: str, total: int | None, console: Consol
 
 
 def _print_run_line(console: Console, label: str, record: dict) -> None:
-    train = record.get("train", {})
     timing = ""
-    if record["status"] in PASSING_STATUSES and train.get("ms_per_step_median") is not None:
-        timing = f"{train['ms_per_step_median']:.4f} ms/step, final loss {train['losses'][-1]:.4f}"
+    if record["status"] in TIMED_STATUSES and MEDIAN_MS.of(record) is not None:
+        timing = f"{MEDIAN_MS.of(record):.4f} ms/step, final loss {losses_of(record)[-1]:.4f}"
         if record.get("kind") == "external":
             timing += " (wall time / steps)"
-    if record["status"] == STATUS_OK:
+    if record["status"] == Status.OK:
         console.print(f"  {label}: ok, {timing}", highlight=False)
     else:
-        colour = "yellow" if record["status"] in PASSING_STATUSES else "red"
+        colour = "yellow" if record["status"] in TIMED_STATUSES else "red"
         console.print(f"  {label}: [{colour}]{record['status']}[/{colour}]: "
                       f"{record.get('error', '')}" + (f"; {timing}" if timing else ""),
                       highlight=False)
@@ -356,31 +332,13 @@ def _print_run_line(console: Console, label: str, record: dict) -> None:
 def print_summary(document: dict) -> None:
     rows = summarize_runs(document["runs"])
     table = Table(title="microgpt-bench: training (median ms per step) and sampling")
-    columns = [("backend", None), ("device", None), ("dtype", None), ("status", None),
-               ("ms/step", "ms_per_step_median"), ("95% CI", "ci"), ("IQR", "ms_per_step_iqr"),
-               ("first ms", "first_step_ms"), ("total s", "total_s"),
-               ("compile s", "compile_s"), ("vs slowest", "speedup_vs_slowest"),
-               ("vs numpy", "speedup_vs_numpy"), ("final loss", "final_loss"),
-               ("tok/s", "tokens_per_s"), ("n", "n")]
-    for title, _ in columns:
-        table.add_column(title, justify="left" if title in ("backend", "status") else "right")
-    formats = {"ms_per_step_median": ".4f", "ms_per_step_iqr": ".4f", "first_step_ms": ".3f",
-               "total_s": ".3f", "compile_s": ".2f", "speedup_vs_slowest": ".1f",
-               "speedup_vs_numpy": ".2f", "final_loss": ".4f", "tokens_per_s": ",.0f"}
+    columns = results.summary_columns(rows)
+    for column in columns:
+        table.add_column(column.title, justify="right" if column.numeric else "left")
     for row in rows:
-        cells = []
-        for title, field in columns:
-            value = results.format_ci(row) if field == "ci" else row.get(field or title)
-            if value is None:
-                cells.append("-")
-            elif field in formats:
-                suffix = "x" if field.startswith("speedup") else ""
-                cells.append(format(value, formats[field]) + suffix)
-            else:
-                text = str(value)
-                cells.append(f"[red]{text}[/red]" if title == "status" and text != "ok"
-                             else text)
-        table.add_row(*cells)
+        failed = row["status"] != Status.OK
+        table.add_row(*(f"[red]{column.cell(row)}[/red]" if failed and column.field == "status"
+                        else column.cell(row) for column in columns))
     console = _stdout_console()
     console.print(table)
     for note in summary_notes(rows):
@@ -388,7 +346,7 @@ def print_summary(document: dict) -> None:
     # The reason of every run that did not pass, one line each, under the table.
     repeated = any(run.get("repeat") for run in document["runs"])
     for run in document["runs"]:
-        if run["status"] != STATUS_OK:
+        if run["status"] != Status.OK:
             repeat = f" #{run.get('repeat', 0) + 1}" if repeated else ""
             console.print(f"  {run['backend']} ({run.get('dtype')}){repeat}: {run['status']}: "
                           f"{run.get('error', '')}", highlight=False, markup=False,

@@ -10,10 +10,10 @@ and speed changes are ratios (the test also gives a 95% confidence interval of t
 With fewer runs, the Mann-Whitney U test on the per-step times of the runs (steps after the
 first), which says whether the step times of NEW are shifted against BASE's.
 
-Exit codes: 0 no significant slowdown beyond --max-slowdown; 1 a regression (significant AND
-slower than the threshold); 2 an error: a file that cannot be read or has another schema
-version, results from different machines (unless --allow-cross-machine), a run in NEW that
-failed its parity check or crashed, or nothing in common to compare.
+Exit codes (bench.command.ExitCode): 0 no significant slowdown beyond --max-slowdown; 1 a
+regression (significant AND slower than the threshold); 2 an error: a file that cannot be read
+or has another schema version, results from different machines (unless --allow-cross-machine),
+a run in NEW that failed its parity check or crashed, or nothing in common to compare.
 """
 from __future__ import annotations
 
@@ -26,27 +26,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import results, stats
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
+from bench.files import write_atomically
+from bench.record import (MEDIAN_MS, MIN_MS, Q1_MS, STEP_SECONDS, TIMED_STATUSES, TRAIN, Status,
+                          is_timed)
 
-EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 # Which per-run figure is compared. The median step is what the tables show. On a busy shared
 # machine other processes add time to some steps of a run (often more than half of them), never
 # take it away, so the first quartile and the fastest step move far less between runs of the
-# same code (measured on a loaded 2-core machine: run-to-run IQR up to 47% of the median for
-# the per-run median, up to 11% for q1, up to 5% for min; see README).
-STATISTICS = {"median": "ms_per_step_median", "q1": "ms_per_step_q1", "min": "ms_per_step_min"}
+# same code.
+STATISTICS = {"median": MEDIAN_MS, "q1": Q1_MS, "min": MIN_MS}
 DEFAULT_STATISTIC = "median"
 DEFAULT_MAX_SLOWDOWN = 0.10
 DEFAULT_ALPHA = 0.05
 MIN_RUNS_FOR_RUN_LEVEL_TEST = 3
 
 
-class CompareError(Exception):
+class CompareError(UsageError):
     """A reason the two files cannot be compared: one line, exit code 2."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise CompareError(message)
 
 
 @dataclass
@@ -111,8 +108,7 @@ def _match_key(run: dict) -> tuple:
 def _ok_groups(document: dict) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for run in document["runs"]:
-        if (run.get("status") in stats.TIMED_STATUSES
-                and (run.get("train") or {}).get("ms_per_step_median")):
+        if is_timed(run):
             groups.setdefault(_match_key(run), []).append(run)
     return groups
 
@@ -144,7 +140,7 @@ def check_comparable(base: dict, new: dict, allow_cross_machine: bool,
     if base_affinity and new_affinity and base_affinity != new_affinity:
         notes.append(f"CPU affinity differs: {base_affinity} vs {new_affinity}")
     failed = [run for run in new["runs"]
-              if run.get("status") not in (*stats.TIMED_STATUSES, "unavailable")]
+              if run.get("status") not in (*TIMED_STATUSES, Status.UNAVAILABLE)]
     if failed:
         run = failed[0]
         raise CompareError(f"{new_name}: {run['backend']} {run.get('dtype')} "
@@ -156,16 +152,16 @@ def check_comparable(base: dict, new: dict, allow_cross_machine: bool,
 def _step_ms(runs: list[dict]) -> list[float]:
     """Per-step times in ms of all runs, without each run's first step (reported apart)."""
     return [1e3 * seconds for run in runs
-            for seconds in (run["train"].get("step_seconds") or [])[1:]]
+            for seconds in (run[TRAIN].get(STEP_SECONDS) or [])[1:]]
 
 
 def _per_run(runs: list[dict], statistic: str) -> tuple[list[float], str]:
     """Each run's figure, and the statistic it is. External programs (bench.external) have
     only a whole-run time per step, recorded as the median: they are compared on that."""
-    values = [run["train"].get(STATISTICS[statistic]) for run in runs]
+    values = [STATISTICS[statistic].of(run) for run in runs]
     if all(value is not None and value > 0 for value in values):
         return values, statistic
-    values = [run["train"]["ms_per_step_median"] for run in runs]
+    values = [MEDIAN_MS.of(run) for run in runs]
     return values, "median"
 
 
@@ -308,7 +304,7 @@ def print_comparison(comparison: Comparison, console, base_name: str, new_name: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="bench.py compare",
         description="Compare two result files: per backend configuration the ratio NEW/BASE "
                     "of the median time per step, whether it is significant, and the geometric "
@@ -336,35 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
-    error_console = Console(stderr=True)
-    try:
-        args = build_parser().parse_args(argv)
-        if not args.max_slowdown >= 0:
-            raise CompareError("--max-slowdown must be >= 0")
-        if not 0 < args.alpha < 1:
-            raise CompareError("--alpha must be between 0 and 1")
-        base, new = results.load(args.base), results.load(args.new)
-        comparison = compare_documents(base, new, args.max_slowdown, args.alpha,
-                                       args.allow_cross_machine, str(args.base), str(args.new),
-                                       args.statistic)
-    except (CompareError, results.ResultFileError) as error:
-        error_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        return EXIT_ERROR
+    return run_guarded(lambda: _main(build_parser().parse_args(argv)))
+
+
+def _main(args) -> int:
+    from rich.console import Console
+    if not args.max_slowdown >= 0:
+        raise CompareError("--max-slowdown must be >= 0")
+    if not 0 < args.alpha < 1:
+        raise CompareError("--alpha must be between 0 and 1")
+    base, new = results.load(args.base), results.load(args.new)
+    comparison = compare_documents(base, new, args.max_slowdown, args.alpha,
+                                   args.allow_cross_machine, str(args.base), str(args.new),
+                                   args.statistic)
     console = Console(width=None if sys.stdout.isatty() else 160)
     print_comparison(comparison, console, str(args.base), str(args.new))
     if args.json:
-        results.write_atomically(args.json, json.dumps(comparison.to_dict(), indent=1) + "\n")
+        write_atomically(args.json, json.dumps(comparison.to_dict(), indent=1) + "\n")
     if comparison.regressions:
         names = ", ".join(f"{row.label} ({row.config}) {row.ratio:.3f}x"
                           for row in comparison.regressions)
         console.print(f"[bold red]REGRESSION[/bold red]: {names} (more than "
                       f"{args.max_slowdown:.0%} slower, p < {args.alpha:g})", highlight=False)
-        return EXIT_REGRESSION
+        return ExitCode.FAILED
     console.print("[green]OK[/green]: no significant slowdown beyond "
                   f"{args.max_slowdown:.0%}", highlight=False)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.files import REPO_ROOT
 
 # Variables that change how many threads a framework uses or where it runs. torch takes its
 # intra-op thread count from OMP_NUM_THREADS / MKL_NUM_THREADS; the torch backend records the

@@ -1,30 +1,14 @@
-"""Programs outside the suite, in the same table: `bench.py --external NAME='COMMAND ...'`.
+"""Programs outside the suite, in the same table: `bench.py --external NAME='COMMAND ...'`
+(README, "Other implementations in the same table").
 
-An external implementation (the original microgpt.py, a port to another language, a C
-program) is run as a command (split like a shell would, but run without one unless the command
-is itself `sh -c '...'`), in the caller's working directory, under the same timeout and memory
-limit as the backends, and read the way a person reads the original program's output:
-
-  step    1 / 1000 | loss 3.3660        (lines may end in \\r, as the original prints them)
-  sample  1: kamon                     (optional)
-
-The losses are checked against the suite's float64 reference for the same number of steps N
-(taken from the lines, so the program's own learning-rate schedule is the reference's) and the
-suite's --config model. The tolerance is the rounding of the printed number (half a unit in
-its last printed digit: 5e-5 for 4 decimals) plus the float32 slack of bench.parity (1e-4), so
-1.5e-4 for the original's format. Verdicts:
-
-  ok               every printed loss matches
-  different init   the first printed loss does not match but the run is sane (finite, learning):
-                   a port with its own initialisation or data order; timed, not verified
-  parity-failed    the first loss matches but later ones drift (or nothing matches and the loss
-                   does not decrease)
-  diverged         a NaN/inf loss, or one far above ln(vocab)
-
-Timing: the program's wall time divided by N, so ms/step INCLUDES process start, imports, data
-loading and the program's own setup and sampling (whatever it prints about its own timing is
-ignored). For a short run that overhead dominates; compare externals with each other, or use
-many steps.
+The command is split like a shell would (but run without one), in the caller's working
+directory, under the backends' timeout and memory limit, and its output read as the original
+program prints it: `step K / N | loss X` lines (possibly ending in \\r) and optional
+`sample K: NAME` lines. The losses are checked against the float64 reference of the same N and
+--config, within the print rounding plus the float32 slack of bench.parity. Verdicts: ok,
+different init (first loss off but the run learns: timed, not verified), parity-failed,
+diverged. ms/step is the process's wall time / N, so it includes process start and the
+program's own setup and sampling.
 """
 from __future__ import annotations
 
@@ -37,12 +21,13 @@ import statistics
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
+from bench.command import UsageError
 from bench.parity import LOSS_TOLERANCE
-from bench.runner import (STATUS_DIVERGED, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_OK,
-                          STATUS_PARITY_FAILED, Interrupted, failure_of, supervise)
+from bench.record import (LOSSES, MEDIAN_MS, STEP_MS, STEPS_COMPLETED, TRAIN, TRAIN_S,
+                          Status)
+from bench.runner import Interrupted, failure_of, supervise
 from bench.training import DIVERGENCE_FACTOR
 
-STATUS_DIFFERENT_INIT = "different init"
 KIND = "external"
 DEVICE = "external"
 DTYPE = "unknown"  # the suite cannot know what precision a program computes in
@@ -58,7 +43,7 @@ SAMPLE_LINE = re.compile(r"^\s*sample\s+(\d+)\s*:\s?(.*?)\s*$", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-class ExternalSpecError(ValueError):
+class ExternalSpecError(UsageError):
     """A malformed --external option or a command that does not exist (a usage error)."""
 
 
@@ -134,16 +119,16 @@ def _half_unit(text: str) -> float:
 
 
 # ---- the verdict -------------------------------------------------------------------------
-def judge(printed: list[StepLoss], reference: list[float], vocab_size: int) -> tuple[str, str,
-                                                                                        dict]:
+def judge(printed: list[StepLoss], reference: list[float],
+          vocab_size: int) -> tuple[Status, str, dict]:
     """(status, message, parity dict) for the printed losses against the reference losses
     (reference[k - 1] is step k's)."""
     diverged_above = DIVERGENCE_FACTOR * math.log(vocab_size)
     for entry in printed:
         if not math.isfinite(entry.loss):
-            return STATUS_DIVERGED, f"loss is {entry.loss} at step {entry.step}", {}
+            return Status.DIVERGED, f"loss is {entry.loss} at step {entry.step}", {}
         if entry.loss > diverged_above:
-            return STATUS_DIVERGED, f"loss {entry.loss:.4g} at step {entry.step}", {}
+            return Status.DIVERGED, f"loss {entry.loss:.4g} at step {entry.step}", {}
     diffs = [abs(entry.loss - reference[entry.step - 1]) for entry in printed]
     tolerances = [entry.half_unit + PRECISION_SLACK for entry in printed]
     failing = [i for i, (diff, tol) in enumerate(zip(diffs, tolerances)) if diff > tol]
@@ -158,23 +143,23 @@ def judge(printed: list[StepLoss], reference: list[float], vocab_size: int) -> t
     if not failing:
         message = (f"matches the float64 reference over {len(printed)} printed steps: max |diff| "
                    f"{diffs[worst]:.3g} at step {printed[worst].step} ({tolerance_text})")
-        return STATUS_OK, _with_message(parity, message), parity
+        return Status.OK, _with_message(parity, message), parity
     if failing[0] != 0:
         bad = printed[failing[0]]
         message = (f"step {first.step} matches the float64 reference but step {bad.step} does "
                    f"not: loss {bad.loss} vs {reference[bad.step - 1]:.6f} (|diff| "
                    f"{diffs[failing[0]]:.3g}); max |diff| {diffs[worst]:.3g} at step "
                    f"{printed[worst].step} ({tolerance_text})")
-        return STATUS_PARITY_FAILED, _with_message(parity, message), parity
+        return Status.PARITY_FAILED, _with_message(parity, message), parity
     start = f"step {first.step} loss {first.loss} is not the reference's " \
             f"{reference[first.step - 1]:.4f} (|diff| {diffs[0]:.3g})"
     learning, trend = _learns([entry.loss for entry in printed])
     if learning:
         message = (f"{start}: another initialisation or data order; the run is sane ({trend}), "
                    f"so it is timed, but its losses cannot be checked")
-        return STATUS_DIFFERENT_INIT, _with_message(parity, message), parity
+        return Status.DIFFERENT_INIT, _with_message(parity, message), parity
     message = f"{start}, and the loss does not decrease ({trend})"
-    return STATUS_PARITY_FAILED, _with_message(parity, message), parity
+    return Status.PARITY_FAILED, _with_message(parity, message), parity
 
 
 def _with_message(parity: dict, message: str) -> str:
@@ -215,11 +200,11 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
     record = {
         "backend": external.name, "kind": KIND, "command": external.argv, "device": DEVICE,
         "dtype": DTYPE, "config": (config.replace(num_steps=total) if total else config).to_dict(),
-        "steps": total, "status": STATUS_ERROR, "returncode": outcome.returncode,
+        "steps": total, "status": Status.ERROR, "returncode": outcome.returncode,
         "wall_s": outcome.wall_s,
-        "train": {"losses": [entry.loss for entry in printed],
-                  "loss_steps": [entry.step for entry in printed],
-                  "steps_completed": printed[-1].step if printed else 0},
+        TRAIN: {LOSSES: [entry.loss for entry in printed],
+                "loss_steps": [entry.step for entry in printed],
+                STEPS_COMPLETED: printed[-1].step if printed else 0},
         "stdout_tail": outcome.stdout_tail, "stderr_tail": outcome.stderr_tail,
     }
     if parsed.samples:
@@ -235,7 +220,7 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
     where = external.name + (f" after printing step {printed[-1].step} of {total}"
                              if printed else "")
     if outcome.interrupted:
-        record.update(status=STATUS_INTERRUPTED, error=f"interrupted by the user (Ctrl-C), {where}")
+        record.update(status=Status.INTERRUPTED, error=f"interrupted by the user (Ctrl-C), {where}")
         raise Interrupted(record)
     if outcome.returncode != 0 or outcome.timed_out:
         status, message = failure_of(outcome, timeout_s, memory_limit_mb, where)
@@ -246,13 +231,13 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
         return record
     status, message, _ = verdict
     record["status"] = status
-    if status != STATUS_OK:
+    if status != Status.OK:
         record["error"] = message
-    if status in (STATUS_OK, STATUS_DIFFERENT_INIT, STATUS_PARITY_FAILED):
+    if status in (Status.OK, Status.DIFFERENT_INIT, Status.PARITY_FAILED):
         # The same fields as a backend's per-step figures, so it sits in the same table.
         ms_per_step = 1e3 * outcome.wall_s / total
-        record["train"].update(ms_per_step_median=ms_per_step, ms_per_step_mean=ms_per_step,
-                               total_s=outcome.wall_s, timing=TIMING_NOTE)
+        record[TRAIN].update({MEDIAN_MS.key: ms_per_step, STEP_MS["mean"]: ms_per_step,
+                              TRAIN_S.key: outcome.wall_s, "timing": TIMING_NOTE})
     return record
 
 

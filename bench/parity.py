@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.contract import SpecInstance
+from bench.files import REPO_ROOT, write_atomically
 
 # Largest allowed |loss - reference loss| at any step. float64 backends compute the same
 # function to rounding, so 1e-9 leaves room only for summation order. float32 numpy stays within
@@ -44,7 +43,7 @@ FLOAT32_STRICT_STEPS = 100
 FLOAT32_WINDOW = 50
 FLOAT32_MEAN_RELATIVE = 0.01
 
-REFERENCE_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache" / "reference"
+REFERENCE_CACHE_DIR = REPO_ROOT / "data" / "cache" / "reference"
 
 
 @dataclass(frozen=True)
@@ -78,17 +77,13 @@ class ReferenceLosses(list):
         return [LOSS_TOLERANCE[dtype]] * steps
 
 
-def tolerance_for(dtype: str) -> float:
-    return LOSS_TOLERANCE[dtype]
-
-
 def compare_losses(losses: list[float], reference: list[float], dtype: str) -> ParityResult:
     """Check every step's loss against the reference; with a ReferenceLosses, float32 gets the
     per-step drift allowance described above."""
     if isinstance(reference, ReferenceLosses):
         tolerances = reference.tolerances(dtype, len(losses))
     else:
-        tolerances = [tolerance_for(dtype)] * len(losses)
+        tolerances = [LOSS_TOLERANCE[dtype]] * len(losses)
     if not losses:
         return ParityResult(False, math.inf, 0, tolerances[0] if tolerances else 0.0, 0,
                             "no losses to compare")
@@ -161,9 +156,6 @@ def reference_losses(spec: SpecInstance, steps: int, dataset_sha256: str,
         worst = max(worst, difference) if math.isfinite(difference) else worst
         drift.append(worst)
     drift += [worst] * (len(losses) - len(drift))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".tmp") as handle:
-        json.dump({"config": spec.config.to_dict(), "steps": steps, "losses": losses,
-                   "float32_drift": drift}, handle)
-    os.replace(handle.name, path)
+    write_atomically(path, json.dumps({"config": spec.config.to_dict(), "steps": steps,
+                                       "losses": losses, "float32_drift": drift}))
     return ReferenceLosses(losses, drift)

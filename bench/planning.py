@@ -6,7 +6,7 @@ by its worker as `unavailable`.
 """
 from __future__ import annotations
 
-from backends import REGISTRY, UnknownBackend, availability, backend_info
+from backends import REGISTRY, availability, backend_info
 
 
 def check_known(names: list[str]) -> None:
@@ -36,6 +36,3 @@ def plan_runs(names: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
         for dtype in dtypes or ["default"]:
             pairs.append((name, backend_info(name).default_dtype if dtype == "default" else dtype))
     return list(dict.fromkeys(pairs))
-
-
-__all__ = ["UnknownBackend", "check_known", "default_backends", "plan_runs", "select_backends"]

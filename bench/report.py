@@ -24,24 +24,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import results, stats
 from backends.contract import GPTConfig
+from bench import results, stats
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
+from bench.files import RESULTS_DIR, write_atomically
 from bench.parity import LOSS_TOLERANCE
+from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
+                          REPEATS, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS,
+                          TIMED_STATUSES, TOKENS_PER_S, TRAIN, TRAIN_S, Status, losses_of)
 
-EXIT_OK, EXIT_ERROR = 0, 2
-DEFAULT_OUT = results.RESULTS_DIR / "report"
+DEFAULT_OUT = RESULTS_DIR / "report"
 # The spec's dataset has 26 letters plus BOS; used for parameter counts of runs that did not
 # record their own (sweep runs do).
 STANDARD_VOCAB_SIZE = 27
-
-
-class ReportError(Exception):
-    """A user error: one line, exit code 2."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ReportError(message)
 
 
 @dataclass
@@ -79,40 +74,33 @@ def merge_documents(documents: list[tuple[str, dict]]) -> list[Machine]:
 # ---- tables --------------------------------------------------------------------------------
 CSV_COLUMNS = [
     "machine", "fingerprint", "cpu", "backend", "dtype", "device", "config", "steps", "status",
-    "n", "ms_per_step_median", "ms_per_step_ci_low", "ms_per_step_ci_high",
-    "ms_per_step_runs_iqr", "ms_per_step_runs_min", "ms_per_step_runs_max",
-    "ms_per_step_runs_mean", "ms_per_step_runs_std", "ms_per_step_step_iqr", "first_step_ms",
-    "total_s_median", "total_s_ci_low", "total_s_ci_high", "total_s_runs_std", "compile_s",
-    "tokens_per_s", "final_loss", "speedup_vs_numpy", "speedup_vs_slowest", "warnings"]
+    "n", MEDIAN_MS.key, CI_LOW, CI_HIGH, "ms_per_step_runs_iqr", "ms_per_step_runs_min",
+    "ms_per_step_runs_max", "ms_per_step_runs_mean", "ms_per_step_runs_std",
+    "ms_per_step_step_iqr", FIRST_STEP_MS.key, "total_s_median", "total_s_ci_low",
+    "total_s_ci_high", "total_s_runs_std", COMPILE_S.key, TOKENS_PER_S.key, FINAL_LOSS,
+    SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, "warnings"]
+# Summary row fields that are CSV columns under their own name.
+_ROW_COLUMNS = ("backend", "dtype", "device", "config", "steps", "status", "n", MEDIAN_MS.key,
+                CI_LOW, CI_HIGH, FIRST_STEP_MS.key, COMPILE_S.key, TOKENS_PER_S.key, FINAL_LOSS,
+                SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST)
 
 
 def csv_rows(machines: list[Machine]) -> list[dict]:
     rows = []
     for machine in machines:
         for row in stats.summarize_runs(machine.runs):
-            per_run = (row.get("repeats") or {}).get("ms_per_step") or {}
-            totals = (row.get("repeats") or {}).get("total_s") or {}
+            repeats = row.get("repeats") or {}
+            per_run = repeats.get(REPEATS[MEDIAN_MS]) or {}
+            totals = repeats.get(REPEATS[TRAIN_S]) or {}
             rows.append({
                 "machine": machine.name, "fingerprint": machine.fingerprint,
                 "cpu": (machine.environment.get("cpu") or {}).get("model"),
-                "backend": row["backend"], "dtype": row["dtype"], "device": row["device"],
-                "config": row["config"], "steps": row.get("steps"), "status": row["status"],
-                "n": row["n"], "ms_per_step_median": row.get("ms_per_step_median"),
-                "ms_per_step_ci_low": row.get("ms_per_step_ci_low"),
-                "ms_per_step_ci_high": row.get("ms_per_step_ci_high"),
-                "ms_per_step_runs_iqr": per_run.get("iqr"),
-                "ms_per_step_runs_min": per_run.get("min"),
-                "ms_per_step_runs_max": per_run.get("max"),
-                "ms_per_step_runs_mean": per_run.get("mean"),
-                "ms_per_step_runs_std": per_run.get("std"),
-                "ms_per_step_step_iqr": row.get("ms_per_step_iqr"),
-                "first_step_ms": row.get("first_step_ms"),
-                "total_s_median": row.get("total_s"), "total_s_ci_low": totals.get("ci_low"),
+                **{key: row.get(key) for key in _ROW_COLUMNS},
+                **{f"ms_per_step_runs_{name}": per_run.get(name)
+                   for name in ("iqr", "min", "max", "mean", "std")},
+                "ms_per_step_step_iqr": row.get(STEP_IQR_MS.key),
+                "total_s_median": row.get(TRAIN_S.key), "total_s_ci_low": totals.get("ci_low"),
                 "total_s_ci_high": totals.get("ci_high"), "total_s_runs_std": totals.get("std"),
-                "compile_s": row.get("compile_s"), "tokens_per_s": row.get("tokens_per_s"),
-                "final_loss": row.get("final_loss"),
-                "speedup_vs_numpy": row.get("speedup_vs_numpy"),
-                "speedup_vs_slowest": row.get("speedup_vs_slowest"),
                 "warnings": " | ".join(row.get("warnings") or []),
             })
     return rows
@@ -133,7 +121,7 @@ def side_by_side_table(machines: list[Machine]) -> str:
     for machine in machines:
         for row in stats.summarize_runs(machine.runs):
             key = (row["backend"], row["dtype"], row["config"], str(row.get("steps")))
-            value = row.get("ms_per_step_median")
+            value = row.get(MEDIAN_MS.key)
             cells.setdefault(key, {})[machine.name] = "-" if value is None else f"{value:.4f}"
     header = ["backend", "dtype", "config", "steps", *(machine.name for machine in machines)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -262,8 +250,8 @@ def _short_number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _ci_or_range(row: dict, key: str) -> tuple[float | None, float | None]:
-    summary = (row.get("repeats") or {}).get(key) or {}
+def _ci_or_range(row: dict, figure) -> tuple[float | None, float | None]:
+    summary = (row.get("repeats") or {}).get(REPEATS[figure]) or {}
     if summary.get("ci_low") is not None:
         return max(summary["ci_low"], summary["min"] * 0.5), summary["ci_high"]
     return None, None
@@ -271,17 +259,17 @@ def _ci_or_range(row: dict, key: str) -> tuple[float | None, float | None]:
 
 def chart_training_time(machines: list[Machine], path: Path) -> Path | None:
     pyplot = _pyplot()
-    labels, values = _timed_rows(machines, "ms_per_step_median")
+    labels, values = _timed_rows(machines, MEDIAN_MS.key)
     if not labels:
         return None
     figure, (left, right) = pyplot.subplots(
         1, 2, figsize=(13, 1.2 + 0.45 * len(labels) * max(1, len(machines) * 0.7)),
         constrained_layout=True)
-    _horizontal_bars(left, labels, values, machines, lambda row: row["ms_per_step_median"],
-                     lambda row: _ci_or_range(row, "ms_per_step"),
+    _horizontal_bars(left, labels, values, machines, lambda row: row[MEDIAN_MS.key],
+                     lambda row: _ci_or_range(row, MEDIAN_MS),
                      "ms per training step (median, log scale)", "Time per training step")
-    _horizontal_bars(right, labels, values, machines, lambda row: row["total_s"],
-                     lambda row: _ci_or_range(row, "total_s"),
+    _horizontal_bars(right, labels, values, machines, lambda row: row[TRAIN_S.key],
+                     lambda row: _ci_or_range(row, TRAIN_S),
                      "seconds (median, log scale)", "Total training time (all steps)")
     right.set_yticklabels([])
     if len(machines) > 1:
@@ -296,15 +284,15 @@ def chart_training_time(machines: list[Machine], path: Path) -> Path | None:
 
 def chart_sampling(machines: list[Machine], path: Path) -> Path | None:
     pyplot = _pyplot()
-    labels, values = _timed_rows(machines, "tokens_per_s")
+    labels, values = _timed_rows(machines, TOKENS_PER_S.key)
     if not labels:
         return None
     labels.reverse()  # largest throughput on top after invert_yaxis
     figure, axis = pyplot.subplots(
         figsize=(8, 1.2 + 0.45 * len(labels) * max(1, len(machines) * 0.7)),
         constrained_layout=True)
-    _horizontal_bars(axis, labels, values, machines, lambda row: row["tokens_per_s"],
-                     lambda row: _ci_or_range(row, "tokens_per_s"),
+    _horizontal_bars(axis, labels, values, machines, lambda row: row[TOKENS_PER_S.key],
+                     lambda row: _ci_or_range(row, TOKENS_PER_S),
                      "tokens per second (median, log scale)",
                      "Sampling throughput (one token at a time, key/value cache)")
     if len(machines) > 1:
@@ -342,24 +330,23 @@ def chart_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
     pyplot = _pyplot()
     curves = {}
     for run in runs:  # one curve per backend configuration (repeats train identically)
-        losses = (run.get("train") or {}).get("losses")
-        if run.get("status") in (*stats.TIMED_STATUSES, "parity-failed") and losses:
+        if run.get("status") in (*TIMED_STATUSES, Status.PARITY_FAILED) and losses_of(run):
             curves.setdefault(f"{run['backend']} {run['dtype']}", run)
     if not curves:
         return None
     reference = _reference_run(list(curves.values()))
     reference_label = f"{reference['backend']} {reference['dtype']}"
-    reference_losses = reference["train"]["losses"]
-    steps = max(len(run["train"]["losses"]) for run in curves.values())
+    reference_losses = losses_of(reference)
+    steps = max(len(losses_of(run)) for run in curves.values())
     window = max(1, steps // 25)
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(10, 8), sharex=True,
                                             constrained_layout=True,
                                             gridspec_kw={"height_ratios": [3, 2]})
     styles = ["-", "--", "-.", ":"]
     for index, (label, run) in enumerate(curves.items()):
-        losses = run["train"]["losses"]
+        losses = losses_of(run)
         # External programs may print every k-th step only: their steps are recorded (1-based).
-        x = run["train"].get("loss_steps") or list(range(1, len(losses) + 1))
+        x = run[TRAIN].get("loss_steps") or list(range(1, len(losses) + 1))
         # Widest first so every later (thinner) line stays visible on top of it.
         width = max(0.8, 3.5 - 0.4 * index)
         top.plot(x, _moving_average(losses, window), styles[index % len(styles)],
@@ -409,7 +396,7 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
     points: dict[int, dict[str, list[tuple[int, float, dict]]]] = {}
     tick_names: dict[int, str] = {}
     for row in stats.summarize_runs(runs):
-        if not row.get("ms_per_step_median"):
+        if not row.get(MEDIAN_MS.key):
             continue
         run = next(run for run in runs if run["backend"] == row["backend"]
                    and run.get("dtype") == row["dtype"]
@@ -418,7 +405,7 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
         parameters = parameter_count(run)
         tick_names[parameters] = row["config"].split(" b")[0]
         points.setdefault(batch, {}).setdefault(f"{row['backend']} {row['dtype']}", []).append(
-            (parameters, row["ms_per_step_median"], row))
+            (parameters, row[MEDIAN_MS.key], row))
     if not points:
         return None
     batches = sorted(points)
@@ -435,7 +422,7 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
                       marker=markers[labels.index(label) % len(markers)],
                       color=colours[label], label=label)
             for parameters, _, row in line:
-                low, high = row.get("ms_per_step_ci_low"), row.get("ms_per_step_ci_high")
+                low, high = row.get(CI_LOW), row.get(CI_HIGH)
                 if low is not None and high is not None and low > 0:
                     axis.vlines(parameters, low, high, color=colours[label], alpha=0.5)
         axis.set_xscale("log")
@@ -503,7 +490,7 @@ def _file_safe(text: str) -> str:
 
 # ---- command -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="bench.py report",
         description="Merge result files into Markdown and CSV tables and PNG charts.")
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
@@ -526,29 +513,27 @@ def write_report(paths: list[Path], out: Path,
         except ChartsUnavailable as error:
             chart_note = str(error)
     markdown_path, csv_path = out / "report.md", out / "summary.csv"
-    results.write_atomically(markdown_path, markdown_text(machines, drawn))
-    results.write_atomically(csv_path, csv_text(csv_rows(machines)))
+    write_atomically(markdown_path, markdown_text(machines, drawn))
+    write_atomically(csv_path, csv_text(csv_rows(machines)))
     return [markdown_path, csv_path, *drawn], chart_note
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
-    console = Console(stderr=True)
+    return run_guarded(lambda: _main(build_parser().parse_args(argv)))
+
+
+def _main(args) -> int:
+    from rich.console import Console
     try:
-        args = build_parser().parse_args(argv)
         written, chart_note = write_report(args.files, args.out, not args.no_charts)
-    except (ReportError, results.ResultFileError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        return EXIT_ERROR
     except OSError as error:
-        console.print(f"[red]error:[/red] cannot write the report: {error}", highlight=False)
-        return EXIT_ERROR
+        raise UsageError(f"cannot write the report: {error}") from None
     if chart_note:
-        console.print(f"[yellow]note:[/yellow] {chart_note}", highlight=False)
+        Console(stderr=True).print(f"[yellow]note:[/yellow] {chart_note}", highlight=False)
     for path in written:
         print(path)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -4,11 +4,8 @@ run, a Markdown table beside it, and a loader that refuses files it does not und
 Schema (SCHEMA_VERSION 1):
   {"schema_version": 1, "suite": "microgpt-bench", "created": ISO time, "command": [...],
    "environment": {...bench.environment...}, "complete": bool,
-   "runs": [{"backend", "device", "dtype", "config", "status", "error"?, "repeat"?,
-             "setup": {...seconds...}, "train": {"losses": [...], "step_seconds": [...],
-             "ms_per_step_median", "total_s", ...}, "infer": {"samples", "tokens_per_s", ...},
-             "parity": {...}, "framework_versions": {...},
-             "sweep"?: {"preset", "batch_size", "label", "parameters", ...}}],
+   "runs": [run records (bench.record), each with "repeat" and, in a sweep, "sweep":
+            {"preset", "batch_size", "label", "parameters", ...}],
    "sweep"?: {"presets", "batch_sizes", "steps", "budget_s", "skipped": [...], ...}}
 The "sweep" keys appear only in files written by `bench.py sweep` (bench.sweep).
 
@@ -20,16 +17,21 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from bench.stats import TIMED_STATUSES, summarize_runs, summary_notes
+from bench.command import UsageError
+from bench.files import RESULTS_DIR, write_atomically
+from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
+                          SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, TIMED_STATUSES,
+                          TOKENS_PER_S, TRAIN_S, Status)
+from bench.stats import several_configs, summarize_runs, summary_notes
 
 SCHEMA_VERSION = 1
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
-class ResultFileError(ValueError):
+class ResultFileError(UsageError):
     """A result file that cannot be read or is of another schema version."""
 
 
@@ -56,16 +58,6 @@ def default_result_path(environment: dict, directory: Path = RESULTS_DIR) -> Pat
         path = directory / f"{stamp}-{host}-{counter}.json"
         counter += 1
     return path
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
-                                     prefix=f".{path.name}.") as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; results are for reading
-    os.replace(handle.name, path)
 
 
 def save(document: dict, path: Path) -> None:
@@ -95,54 +87,69 @@ def load(path: str | os.PathLike) -> dict:
 
 
 # ---- tables --------------------------------------------------------------------------------
-def _fmt(value, spec: str, empty: str = "-") -> str:
-    return empty if value is None else format(value, spec)
-
-
-def summary_rows(runs: list[dict]) -> list[dict]:
-    """One row per (backend, dtype, device, config) with the figures the tables show. With
-    repeats, the row holds the median over repeats of each run's per-step median, and the
-    confidence interval over repeats (see bench.stats.summarize_runs)."""
-    return summarize_runs(runs)
-
-
-def format_ci(row: dict, spec: str = ".4f") -> str:
-    low, high = row.get("ms_per_step_ci_low"), row.get("ms_per_step_ci_high")
-    if low is None or high is None:
-        return "-"
-    return f"{format(low, spec)}..{format(high, spec)}"
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _speedup(value) -> str:
     return "-" if value is None else format(value, ".2f" if value < 10 else ".1f") + "x"
 
 
+def _ci(row: dict) -> str:
+    low, high = row.get(CI_LOW), row.get(CI_HIGH)
+    return "-" if low is None or high is None else f"{low:.4f}..{high:.4f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the summary table, in the terminal (bench.cli) and in Markdown alike."""
+    title: str
+    field: str  # the summary row's key (bench.stats.summarize_runs)
+    format: str | Callable = "s"  # a format spec for the value, or the cell text of a row
+    numeric: bool = True  # right-aligned in the terminal
+
+    def cell(self, row: dict) -> str:
+        if callable(self.format):
+            return self.format(row)
+        return _fmt(row.get(self.field), self.format)
+
+
+def _text(field: str) -> Column:
+    return Column(field, field, numeric=False)
+
+
+def _speedup_column(title: str, field: str) -> Column:
+    return Column(title, field, lambda row: _speedup(row.get(field)))
+
+
+CONFIG_COLUMN = _text("config")
+SUMMARY_COLUMNS = (
+    _text("backend"), _text("device"), _text("dtype"), CONFIG_COLUMN, _text("status"),
+    Column("ms/step (median)", MEDIAN_MS.key, ".4f"),
+    Column("95% CI", CI_LOW, _ci),
+    Column("step IQR", STEP_IQR_MS.key, ".4f"),
+    Column("first step ms", FIRST_STEP_MS.key, ".3f"),
+    Column("total s", TRAIN_S.key, ".3f"),
+    Column("compile s", COMPILE_S.key, ".2f"),
+    _speedup_column("vs slowest", SPEEDUP_VS_SLOWEST),
+    _speedup_column("vs numpy", SPEEDUP_VS_NUMPY),
+    Column("final loss", FINAL_LOSS, ".4f"),
+    Column("sampling tok/s", TOKENS_PER_S.key, ",.0f"),
+    Column("n", "n", "d"),
+)
+
+
+def summary_columns(rows: list[dict]) -> list[Column]:
+    """The columns of these rows' table: the config column only when they differ in config."""
+    return [column for column in SUMMARY_COLUMNS
+            if column is not CONFIG_COLUMN or several_configs(rows)]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The summary as a Markdown table; a config column appears when rows differ in config."""
-    several_configs = len({row.get("config_key") for row in rows}) > 1
-    columns = ["backend", "device", "dtype", *(["config"] if several_configs else []), "status",
-               "ms/step (median)", "95% CI", "step IQR", "first step ms", "total s",
-               "compile s", "vs slowest", "vs numpy", "final loss", "sampling tok/s", "n"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] * len(columns)) + "|"]
-    for row in rows:
-        cells = [row["backend"], str(row.get("device") or "-"), str(row["dtype"])]
-        if several_configs:
-            cells.append(str(row.get("config", "-")))
-        cells += [
-            row["status"],
-            _fmt(row.get("ms_per_step_median"), ".4f"),
-            format_ci(row),
-            _fmt(row.get("ms_per_step_iqr"), ".4f"),
-            _fmt(row.get("first_step_ms"), ".3f"),
-            _fmt(row.get("total_s"), ".3f"),
-            _fmt(row.get("compile_s"), ".2f"),
-            _speedup(row.get("speedup_vs_slowest")),
-            _speedup(row.get("speedup_vs_numpy")),
-            _fmt(row.get("final_loss"), ".4f"),
-            _fmt(row.get("tokens_per_s"), ",.0f"),
-            str(row.get("n", 1)),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    columns = summary_columns(rows)
+    lines = ["| " + " | ".join(column.title for column in columns) + " |",
+             "|" + "|".join(["---"] * len(columns)) + "|"]
+    lines += ["| " + " | ".join(column.cell(row) for column in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -156,17 +163,12 @@ TABLE_FOOTNOTE = (
     "config. Only rows with status ok passed the parity check against the float64 reference.")
 
 
-def warning_lines(rows: list[dict]) -> list[str]:
-    """Instability warnings and notes to show under a table (see bench.stats.summary_notes)."""
-    return summary_notes(rows)
-
-
 def markdown_report(document: dict) -> str:
     env = document.get("environment", {})
     versions = {}
     for run in document.get("runs", []):
         versions.update(run.get("framework_versions") or {})
-    rows = summary_rows(document.get("runs", []))
+    rows = summarize_runs(document.get("runs", []))
     parts = [
         f"# microgpt-bench results ({document.get('created', '?')})",
         "",
@@ -185,7 +187,7 @@ def markdown_report(document: dict) -> str:
     ]
     if document.get("sweep"):
         parts += ["", sweep_markdown(document)]
-    notes = warning_lines(rows)
+    notes = summary_notes(rows)
     if notes:
         parts += ["", "## Warnings", ""] + [f"- {note}" for note in notes]
     runs = document.get("runs", [])
@@ -194,7 +196,7 @@ def markdown_report(document: dict) -> str:
                                         if run.get("status") not in TIMED_STATUSES]),
             ("Timed but not verifiable against the reference",
              [run for run in runs if run.get("status") in TIMED_STATUSES
-              and run.get("status") != "ok"])):
+              and run.get("status") != Status.OK])):
         if selected:
             parts += ["", f"## {title}", ""]
             parts += [f"- {run['backend']} ({run.get('dtype')}): {run['status']}: "
@@ -221,10 +223,10 @@ def sweep_markdown(document: dict) -> str:
     cells: dict[str, dict[str, str]] = {}
     sizes = {run["sweep"]["label"]: (run["sweep"]["parameters"], run["sweep"]["batch_size"])
              for run in document.get("runs", []) if run.get("sweep")}
-    for row in summary_rows(document.get("runs", [])):
+    for row in summarize_runs(document.get("runs", [])):
         label = row["config"]  # config_label: the same text as the sweep's own label
         columns.setdefault(label, sizes.get(label, (0, 0)))
-        value = row.get("ms_per_step_median")
+        value = row.get(MEDIAN_MS.key)
         cells.setdefault(f"{row['backend']} {row['dtype']}", {})[label] = (
             _fmt(value, ".4f") if value is not None else row["status"])
     for skipped in sweep.get("skipped", []):

@@ -23,24 +23,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from backends.contract import GPTConfig
+from bench.files import REPO_ROOT
 from bench.parity import compare_losses
+from bench.record import LOSSES, STEPS_COMPLETED, TRAIN, Status, losses_of
 from bench.worker import EVENT_PREFIX, read_loss_log
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Statuses a run can end with. Only "ok" timings are valid; every other status carries `error`.
-STATUS_OK = "ok"
-STATUS_PARITY_FAILED = "parity-failed"
-STATUS_UNAVAILABLE = "unavailable"
-STATUS_ERROR = "error"
-STATUS_CRASHED = "crashed"
-STATUS_TIMEOUT = "timeout"
-STATUS_OUT_OF_MEMORY = "out-of-memory"
-STATUS_DIVERGED = "diverged"
-STATUS_INTERRUPTED = "interrupted"
 
 TAIL_LINES = 40
 
@@ -204,19 +192,19 @@ def is_out_of_memory(*texts) -> bool:
 
 
 def failure_of(outcome: ProcessOutcome, timeout_s: float, memory_limit_mb: int | None,
-               what: str) -> tuple[str, str]:
+               what: str) -> tuple[Status, str]:
     """(status, one-line reason) for a process that ended without a result. `what` names the
     process and where it was ("worker during train after 12 steps")."""
     if outcome.launch_error:
-        return STATUS_ERROR, outcome.launch_error
+        return Status.ERROR, outcome.launch_error
     if outcome.timed_out:
-        return STATUS_TIMEOUT, (f"{what}: no result within the timeout of {timeout_s:g} s; "
+        return Status.TIMEOUT, (f"{what}: no result within the timeout of {timeout_s:g} s; "
                                 f"killed")
     reason = stderr_reason(outcome.stderr_tail)
     message = f"{what}: {describe_exit(outcome.returncode)}" + (f": {reason}" if reason else "")
     if is_out_of_memory(*outcome.stderr_tail):
-        return STATUS_OUT_OF_MEMORY, out_of_memory_message(message, memory_limit_mb)
-    return STATUS_CRASHED, message
+        return Status.OUT_OF_MEMORY, out_of_memory_message(message, memory_limit_mb)
+    return Status.CRASHED, message
 
 
 def out_of_memory_message(message: str, memory_limit_mb: int | None) -> str:
@@ -267,50 +255,50 @@ def run_backend(request: RunRequest, reference: list[float] | None, on_event=Non
         logged = read_loss_log(loss_log_path)
         if len(logged) > len(losses_so_far):
             losses_so_far[:] = logged
-        worker_result = None
+        worker_record = None
         if not (outcome.interrupted or outcome.timed_out) and os.path.exists(result_path):
             try:
                 with open(result_path) as handle:
-                    worker_result = json.load(handle)
+                    worker_record = json.load(handle)
             except ValueError:
                 pass  # written atomically, so this cannot happen; treated as no result
 
     where = f"worker during {progress['phase']}" + (
         f" after {len(losses_so_far)} steps" if losses_so_far else "")
     if outcome.interrupted:
-        record = _partial_record(request, STATUS_INTERRUPTED,
+        record = _partial_record(request, Status.INTERRUPTED,
                                  f"interrupted by the user (Ctrl-C), {where}", losses_so_far,
                                  outcome)
-        record["device"] = progress.get("device", request.device)
-        record["wall_s"] = outcome.wall_s
-        raise Interrupted(_with_parity(record, reference))
-    if worker_result is not None:
-        record = worker_result
-        if record.get("status") == STATUS_ERROR:
+    elif worker_record is not None:
+        record = worker_record
+        if record.get("status") == Status.ERROR:
             record["stderr_tail"] = outcome.stderr_tail
             if is_out_of_memory(record.get("error")):
-                record["status"] = STATUS_OUT_OF_MEMORY
+                record["status"] = Status.OUT_OF_MEMORY
                 record["error"] = out_of_memory_message(record["error"],
                                                         request.memory_limit_mb)
-        if len(losses_so_far) > len((record.get("train") or {}).get("losses") or []):
-            record.setdefault("train", {}).update(losses=losses_so_far,
-                                                  steps_completed=len(losses_so_far))
+        if len(losses_so_far) > len(losses_of(record)):
+            record.setdefault(TRAIN, {}).update({LOSSES: losses_so_far,
+                                                 STEPS_COMPLETED: len(losses_so_far)})
     else:
         status, message = failure_of(outcome, request.timeout_s, request.memory_limit_mb,
                                      where)
         record = _partial_record(request, status, message, losses_so_far, outcome)
     if record.get("device") is None:
-        record["device"] = progress.get("device", request.device)
+        record["device"] = progress.get("device")
     record["wall_s"] = outcome.wall_s
-    return _with_parity(record, reference)
+    record = _with_parity(record, reference)
+    if outcome.interrupted:
+        raise Interrupted(record)
+    return record
 
 
-def _partial_record(request: RunRequest, status: str, error: str, losses: list[float],
+def _partial_record(request: RunRequest, status: Status, error: str, losses: list[float],
                     outcome: ProcessOutcome) -> dict:
     return {
         "backend": request.backend, "dtype": request.dtype, "device": request.device,
         "config": request.config.to_dict(), "steps": request.steps, "status": status,
-        "error": error, "train": {"losses": list(losses), "steps_completed": len(losses)},
+        "error": error, TRAIN: {LOSSES: list(losses), STEPS_COMPLETED: len(losses)},
         "returncode": outcome.returncode,
         "stdout_tail": outcome.stdout_tail, "stderr_tail": outcome.stderr_tail,
     }
@@ -318,12 +306,12 @@ def _partial_record(request: RunRequest, status: str, error: str, losses: list[f
 
 def _with_parity(record: dict, reference: list[float] | None) -> dict:
     """Attach the parity verdict; an otherwise-ok run whose losses do not match is demoted."""
-    losses = record.get("train", {}).get("losses") or []
+    losses = losses_of(record)
     if reference is None or not losses:
         return record
     parity = compare_losses(losses, reference, record["dtype"])
     record["parity"] = parity.to_dict()
-    if record["status"] == STATUS_OK and not parity.passed:
-        record["status"] = STATUS_PARITY_FAILED
+    if record["status"] == Status.OK and not parity.passed:
+        record["status"] = Status.PARITY_FAILED
         record["error"] = parity.message
     return record

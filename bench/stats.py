@@ -2,7 +2,8 @@
 
 Three layers:
   - descriptive: `describe(values)` gives n, median, quartiles, IQR, min, max, mean, standard
-    deviation and a t-based 95% confidence interval of the mean;
+    deviation and a t-based 95% confidence interval of the mean; `step_statistics` is its
+    summary of one run's step times, as the run record holds it;
   - tests: `mann_whitney_u` (two-sided; exact for small samples without ties, else the normal
     approximation with tie and continuity correction) and `welch_t_test` (two-sided; the
     Student t distribution via the regularized incomplete beta function), both checked against
@@ -20,6 +21,10 @@ from __future__ import annotations
 import math
 import statistics
 
+from bench.record import (CI_HIGH, CI_LOW, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS, REPEATS,
+                          ROW_FIGURES, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S,
+                          is_timed, losses_of)
+
 CONFIDENCE = 0.95
 # A run-to-run spread (IQR over the median, or standard deviation over the mean) above this is
 # reported as unstable, as pyperf and asv do.
@@ -28,9 +33,6 @@ SPREAD_WARNING = 0.10
 # (and above all of them).
 FIRST_RUN_WARNING = 0.20
 MIN_RUNS_FOR_SPREAD = 3
-# Runs whose timings count: "ok", and "different init" (an --external program that trains
-# sanely from its own initialisation: timed, but its losses cannot be checked; bench.external).
-TIMED_STATUSES = ("ok", "different init")
 
 QUIETER_MACHINE_ADVICE = (
     "close other programs or use a quieter machine, pin threads (OMP_NUM_THREADS=1, or "
@@ -68,6 +70,18 @@ def describe(values: list[float], confidence: float = CONFIDENCE) -> dict:
         summary.update(ci_low=mean - half_width, ci_high=mean + half_width,
                        ci_method=f"t, {confidence:.0%} CI of the mean")
     return summary
+
+
+def step_statistics(step_seconds: list[float]) -> dict:
+    """A run's figures of its step times: in ms over steps 2..N (the first step may include
+    lazy compilation and is reported apart), and the total of all in s."""
+    if not step_seconds:
+        return {}
+    summary = describe([1e3 * seconds for seconds in step_seconds[1:] or step_seconds])
+    summary["std"] = summary["std"] or 0.0  # a single step
+    return {FIRST_STEP_MS.key: 1e3 * step_seconds[0],
+            **{key: summary[name] for name, key in STEP_MS.items()},
+            TRAIN_S.key: sum(step_seconds)}
 
 
 # ---- special functions ---------------------------------------------------------------------
@@ -296,20 +310,14 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def _values(runs: list[dict], section: str, field: str) -> list[float]:
-    values = [(run.get(section) or {}).get(field) for run in runs]
-    return [value for value in values if value is not None]
+def _values(runs: list[dict], figure) -> list[float]:
+    return [value for value in map(figure.of, runs) if value is not None]
 
 
-def _median_of(runs: list[dict], section: str, field: str):
-    values = _values(runs, section, field)
-    return statistics.median(values) if values else None
-
-
-def instability_warnings(ok_runs: list[dict]) -> list[str]:
+def instability_warnings(timed_runs: list[dict]) -> list[str]:
     """What looks unreliable about a configuration's repeats, each with what to do."""
     warnings = []
-    medians = _values(ok_runs, "train", "ms_per_step_median")
+    medians = _values(timed_runs, MEDIAN_MS)
     if len(medians) < 2:
         return warnings
     summary = describe(medians)
@@ -323,11 +331,10 @@ def instability_warnings(ok_runs: list[dict]) -> list[str]:
             f"unstable: the run-to-run standard deviation of ms/step is "
             f"{summary['std'] / summary['mean']:.0%} of the mean over {len(medians)} runs "
             f"(over {SPREAD_WARNING:.0%}); " + QUIETER_MACHINE_ADVICE)
-    ordered = sorted((run for run in ok_runs if run.get("train", {}).get("ms_per_step_median")),
-                     key=lambda run: run.get("repeat", 0))
-    if len(ordered) >= MIN_RUNS_FOR_SPREAD:
-        first = ordered[0]["train"]["ms_per_step_median"]
-        rest = [run["train"]["ms_per_step_median"] for run in ordered[1:]]
+    if len(timed_runs) >= MIN_RUNS_FOR_SPREAD:
+        ordered = sorted(timed_runs, key=lambda run: run.get("repeat", 0))
+        first = MEDIAN_MS.of(ordered[0])
+        rest = [MEDIAN_MS.of(run) for run in ordered[1:]]
         typical = statistics.median(rest)
         if first > (1 + FIRST_RUN_WARNING) * typical and first > max(rest):
             warnings.append(
@@ -338,69 +345,66 @@ def instability_warnings(ok_runs: list[dict]) -> list[str]:
 
 
 def summarize_runs(runs: list[dict]) -> list[dict]:
-    """One row per configuration. Flat fields (what the tables show): ms_per_step_median (the
-    median over repeats of each run's per-step median), ms_per_step_iqr (the median over repeats
-    of each run's step IQR), first_step_ms, total_s, compile_s, tokens_per_s, final_loss,
-    speedup_vs_slowest / speedup_vs_numpy (within the same model config), n, status, and
-    ms_per_step_ci_low/high (t 95% CI over repeats, None for n < 2). `repeats` holds the full
-    `describe` of ms_per_step (per-run medians) and total_s over repeats; `warnings` lists
-    instability warnings."""
+    """One row per configuration: backend, dtype, device, config (its label), config_key,
+    steps, n (timed runs), status; for each of bench.record.ROW_FIGURES the median over the
+    timed runs (so ms_per_step_median is the median over repeats of each run's per-step
+    median); final_loss; CI_LOW/CI_HIGH (t 95% CI over repeats, None for n < 2);
+    SPEEDUP_VS_SLOWEST / SPEEDUP_VS_NUMPY (within the same model config). `repeats` holds the
+    full `describe` over repeats of the REPEATS figures; `warnings` lists instability warnings.
+    A row without timed runs has the status and error of its last run instead of figures."""
     rows = []
     for (backend, dtype, device, _), group in group_runs(runs).items():
-        ok = [run for run in group if run.get("status") in TIMED_STATUSES
-              and (run.get("train") or {}).get("ms_per_step_median") is not None]
+        timed = [run for run in group if is_timed(run)]
         config = group[0].get("config")
-        row = {"backend": backend, "dtype": dtype, "device": device, "n": len(ok),
+        row = {"backend": backend, "dtype": dtype, "device": device, "n": len(timed),
                "config": config_label(config), "config_key": config_key(config),
                "steps": group[0].get("steps") or (config or {}).get("num_steps"),
                "warnings": []}
-        if not ok:
+        if not timed:
             last = group[-1]
-            row.update(status=last.get("status", "?"), error=last.get("error"),
-                       n=0, final_loss=((last.get("train") or {}).get("losses") or [None])[-1])
+            row.update({"status": last.get("status", "?"), "error": last.get("error"),
+                        FINAL_LOSS: (losses_of(last) or [None])[-1]})
             rows.append(row)
             continue
-        status = ok[0]["status"]  # "ok", or "different init" for an external program
-        row["status"] = (status if len(ok) == len(group)
-                         else f"{status} ({len(group) - len(ok)} failed)")
-        for field in ("ms_per_step_median", "ms_per_step_iqr", "first_step_ms", "total_s"):
-            row[field] = _median_of(ok, "train", field)
-        row["compile_s"] = _median_of(ok, "setup", "compile_s")
-        row["tokens_per_s"] = _median_of(ok, "infer", "tokens_per_s")
-        row["final_loss"] = ok[0]["train"]["losses"][-1]
-        row["repeats"] = {"ms_per_step": describe(_values(ok, "train", "ms_per_step_median")),
-                          "total_s": describe(_values(ok, "train", "total_s")),
-                          "tokens_per_s": describe(_values(ok, "infer", "tokens_per_s"))}
-        row["ms_per_step_ci_low"] = row["repeats"]["ms_per_step"].get("ci_low")
-        row["ms_per_step_ci_high"] = row["repeats"]["ms_per_step"].get("ci_high")
-        row["warnings"] = instability_warnings(ok)
+        status = timed[0]["status"]  # "ok", or "different init" for an external program
+        row["status"] = (status if len(timed) == len(group)
+                         else f"{status} ({len(group) - len(timed)} failed)")
+        for figure in ROW_FIGURES:
+            values = _values(timed, figure)
+            row[figure.key] = statistics.median(values) if values else None
+        row[FINAL_LOSS] = losses_of(timed[0])[-1]
+        row["repeats"] = {name: describe(_values(timed, figure))
+                          for figure, name in REPEATS.items()}
+        row[CI_LOW] = row["repeats"][REPEATS[MEDIAN_MS]].get("ci_low")
+        row[CI_HIGH] = row["repeats"][REPEATS[MEDIAN_MS]].get("ci_high")
+        row["warnings"] = instability_warnings(timed)
         rows.append(row)
     _add_speedups(rows)
     return rows
 
 
 def _add_speedups(rows: list[dict]) -> None:
+    median = MEDIAN_MS.key
     by_config: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get("ms_per_step_median"):
+        if row.get(median):
             by_config.setdefault(row["config_key"], []).append(row)
     for timed in by_config.values():
-        slowest = max(row["ms_per_step_median"] for row in timed)
+        slowest = max(row[median] for row in timed)
         numpy_rows = {row["dtype"]: row for row in timed if row["backend"] == "numpy"}
         for row in timed:
-            row["speedup_vs_slowest"] = slowest / row["ms_per_step_median"]
+            row[SPEEDUP_VS_SLOWEST] = slowest / row[median]
             # Against numpy at the same dtype when there is one, else any numpy row.
             numpy_row = numpy_rows.get(row["dtype"]) or next(iter(numpy_rows.values()), None)
             if numpy_row:
-                row["speedup_vs_numpy"] = (numpy_row["ms_per_step_median"]
-                                           / row["ms_per_step_median"])
+                row[SPEEDUP_VS_NUMPY] = numpy_row[median] / row[median]
 
 
 def summary_notes(rows: list[dict]) -> list[str]:
     """Lines to print under a summary table: every warning, and how to get intervals where
     there was a single run."""
     notes = [f"{row['backend']} {row['dtype']}"
-             + (f" ({row['config']})" if _several_configs(rows) else "") + f": {warning}"
+             + (f" ({row['config']})" if several_configs(rows) else "") + f": {warning}"
              for row in rows for warning in row.get("warnings", [])]
     if any(row.get("n") == 1 for row in rows):
         notes.append("single runs: no run-to-run spread or confidence interval; use --repeat 5 "
@@ -408,5 +412,5 @@ def summary_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-def _several_configs(rows: list[dict]) -> bool:
+def several_configs(rows: list[dict]) -> bool:
     return len({row.get("config_key") for row in rows}) > 1

@@ -1,24 +1,17 @@
 """`python bench.py sweep`: how each backend scales with model size and batch size, within a
 time budget.
 
-Runs the presets (backends.contract.PRESETS: tiny, small, medium, large) at batch sizes 1, 8 and 32
-(batch sizes above 1 only for backends whose class has supports_batches) for the chosen
-backends, cheapest configuration first (by estimated FLOPs per step). Every run is a normal
-benchmark run (bench.runner.run_backend: its own process, parity-checked against the numpy
-float64 reference of the same config and steps) with fewer steps than the default (200).
+Runs the presets (tiny, small, medium, large) at batch sizes 1, 8 and 32 (above 1 only for
+backends that declare batch support), cheapest first by estimated FLOPs, each as an ordinary
+parity-checked benchmark run (bench.runner.run_backend) of 200 steps. Before each run (and each
+float64 reference) its wall time is projected from the same backend's run of the previous
+preset at the same batch size, else its latest run: fixed costs as measured, training and
+sampling scaled by FLOPs. A run projected past the time left is skipped and listed; one that
+still overruns is stopped at the end of the budget and listed the same way.
 
-The budget: before each run the sweep projects its wall time from the same backend's run of
-the previous preset at the same batch size (else its latest run), scaled by the ratio of
-estimated FLOPs: setup and compile are taken as they were, training and sampling time grow with
-the FLOPs (an upper bound for backends whose small configs are dominated by per-step
-overhead). A run whose projection exceeds the time left is skipped and listed with its
-projection; a run that still overruns is stopped at the end of the budget and listed the same
-way. The float64 reference of each configuration is projected and skipped the same way.
-
-Writes results/sweep/<time>-<host>.json (a normal result file, each run tagged with "sweep":
-preset, batch size, parameters, FLOPs; the skipped runs under document["sweep"]["skipped"]),
-its Markdown table, and <same name>-scaling.png: ms per step against parameter count per
-backend, one panel per batch size (log-log), where crossovers show.
+Writes results/sweep/<time>-<host>.json (a result file whose runs carry "sweep": preset, batch
+size, parameters, FLOPs; skipped runs under document["sweep"]["skipped"]), its Markdown table
+and <same name>-scaling.png (ms per step against parameters, one panel per batch size).
 """
 from __future__ import annotations
 
@@ -29,31 +22,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends import REGISTRY, UnknownBackend, backend_info
-from backends.contract import PRESETS, ConfigError, GPTConfig, build_spec, preset
+from backends import backend_info
+from backends.contract import PRESETS, GPTConfig, build_spec, preset
 from bench import results
 from bench.environment import collect_environment
 from bench.parity import reference_losses
-from bench.runner import STATUS_OK, STATUS_TIMEOUT, Interrupted, RunRequest, run_backend
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
+from bench.files import RESULTS_DIR
+from bench.record import MEDIAN_MS, SAMPLING_S, TRAIN_S, Status
+from bench.runner import Interrupted, RunRequest, run_backend
 from bench.planning import check_known, default_backends, plan_runs
-from data.dataset import DatasetError, load_dataset
+from data.dataset import load_dataset
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_STEPS = 200
 DEFAULT_BUDGET_S = 900.0
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-SWEEP_DIR = results.RESULTS_DIR / "sweep"
-# Slow reference backends are only swept when named.
-SLOW_BACKENDS = {name for name, entry in REGISTRY.items() if not entry.in_default_run}
-
-
-class SweepError(Exception):
-    """A user error: one line, exit code 2."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SweepError(message)
+SWEEP_DIR = RESULTS_DIR / "sweep"
 
 
 # ---- cost model ----------------------------------------------------------------------------
@@ -103,8 +87,8 @@ def sweep_points(presets: list[str], batch_sizes: list[int], steps: int,
 def project_seconds(previous: dict, previous_point: SweepPoint, point: SweepPoint) -> float:
     """Wall time of a run at `point` from a measured run at `previous_point`: fixed costs
     (process start, import, compile) as measured; training and sampling scaled by FLOPs."""
-    train_s = (previous.get("train") or {}).get("total_s") or 0.0
-    sample_s = (previous.get("infer") or {}).get("total_s") or 0.0
+    train_s = TRAIN_S.of(previous) or 0.0
+    sample_s = SAMPLING_S.of(previous) or 0.0
     wall_s = previous.get("wall_s") or (train_s + sample_s)
     fixed_s = max(0.0, wall_s - train_s - sample_s)
     steps_ratio = point.config.num_steps / previous_point.config.num_steps
@@ -201,7 +185,7 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
                     custom_dataset=settings.custom_dataset,
                     timeout_s=max(1.0, min(settings.timeout_s, remaining)))
                 record = runner(request, reference)
-                budget_cut = (record.get("status") == STATUS_TIMEOUT
+                budget_cut = (record.get("status") == Status.TIMEOUT
                               and request.timeout_s < settings.timeout_s)
                 if budget_cut:
                     if repeat == 0:
@@ -217,11 +201,11 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
                                    "projected_s": projected}
                 document["runs"].append(record)
                 save(document)
-                if record.get("status") == STATUS_OK:
+                if record.get("status") == Status.OK:
                     last_measured[(backend, dtype, point.batch_size)] = (record, point)
                     last_measured[(backend, dtype, None)] = (record, point)
                     log(f"  {backend} {dtype} {point.label}: "
-                        f"{record['train']['ms_per_step_median']:.4f} ms/step, "
+                        f"{MEDIAN_MS.of(record):.4f} ms/step, "
                         f"{record.get('wall_s', 0):.1f} s"
                         + (f" (projected {projected:.1f} s)" if projected else ""))
                 else:
@@ -245,7 +229,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="bench.py sweep",
         description="Run the presets at several batch sizes for the chosen backends within a "
                     "time budget; write a result file and a log-log scaling chart.")
@@ -285,33 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
-    console = Console(stderr=True)
-    try:
-        return _main(build_parser().parse_args(argv), argv, console)
-    except (SweepError, UnknownBackend, ConfigError, DatasetError,
-            results.ResultFileError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
+    return run_guarded(lambda: _main(build_parser().parse_args(argv), argv,
+                                     Console(stderr=True)))
 
 
 def _main(args, argv: list[str], console) -> int:
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     unknown = [name for name in presets if name not in PRESETS]
     if unknown or not presets:
-        raise SweepError(f"unknown preset {unknown[0] if unknown else args.presets!r}; "
+        raise UsageError(f"unknown preset {unknown[0] if unknown else args.presets!r}; "
                          f"choose from {', '.join(PRESETS)}")
     check_known(args.backend)
     for name, value, low in (("--steps", args.steps, 1), ("--repeat", args.repeat, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:
-            raise SweepError(f"{name} must be >= {low}")
+            raise UsageError(f"{name} must be >= {low}")
     if not args.budget > 0:
-        raise SweepError("--budget must be > 0 seconds")
+        raise UsageError("--budget must be > 0 seconds")
     if args.json is not None and args.json.exists() and not args.overwrite:
-        raise SweepError(f"{args.json} exists; choose another --json path or pass --overwrite")
+        raise UsageError(f"{args.json} exists; choose another --json path or pass --overwrite")
     backends = list(dict.fromkeys(args.backend)) or default_backends()
     if not backends:
-        raise SweepError("no backend can run here; see `python bench.py --list`")
+        raise UsageError("no backend can run here; see `python bench.py --list`")
 
     dataset = load_dataset(args.dataset, args.custom_dataset)
     vocab_size = build_spec(dataset.docs, PRESETS["tiny"]).tokenizer.vocab_size
@@ -345,7 +324,7 @@ def _main(args, argv: list[str], console) -> int:
         document["runs"].append(interrupt.record)
         results.save(document, path)
         console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     outputs = [path, path.with_suffix(".md")]
     if not args.no_chart:
         from bench import report
@@ -359,8 +338,8 @@ def _main(args, argv: list[str], console) -> int:
         except report.ChartsUnavailable as error:
             console.print(f"[yellow]note:[/yellow] {error}", highlight=False)
     console.print("Results: " + ", ".join(str(output) for output in outputs), highlight=False)
-    failed = [run for run in document["runs"] if run.get("status") != STATUS_OK]
-    return EXIT_FAILED if failed else EXIT_OK
+    failed = [run for run in document["runs"] if run.get("status") != Status.OK]
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 if __name__ == "__main__":

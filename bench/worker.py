@@ -1,39 +1,35 @@
 """One backend, one process: `python -m bench.worker REQUEST.json RESULT.json`.
 
-The runner starts this in a fresh interpreter for every backend run, so a crash, a hang or a
-leak in one framework cannot touch another's results, and import and compile costs are paid (and
-measured) per run. Progress goes to stdout as lines starting with EVENT_PREFIX (the phase, and
-the losses every EVENT_INTERVAL_S); every step's loss also goes at once into the runner's loss
-log (LossLog: shared memory, so a worker that crashes or is killed loses none of the steps it
-finished). The result is written atomically to RESULT.json at the end, also when the backend
-raised (then with status "error", the phase it failed in and the losses so far). Phases, each
-timed apart:
+The runner starts this in a fresh interpreter for every run, so a crash, a hang or a leak in
+one framework cannot touch another's results, and import and compile costs are paid (and
+measured) per run. Progress goes to stdout as EVENT_PREFIX lines (the phase; the losses at most
+every EVENT_INTERVAL_S); every step's loss also goes at once into the runner's LossLog, so a
+worker that dies loses none of the steps it finished. The run record is written atomically to
+RESULT.json at the end, also when the backend raised (status "error", with the phase it failed
+in and the losses so far). Phases, each timed apart: setup (import, dataset, spec, initial
+parameters), compile (backend.prepare()), warmup (steps thrown away, then the initial
+parameters loaded again), train (bench.training.train), sample.
 
-  setup    import the backend module, load and verify the dataset, build the spec, construct
-           the backend and load the initial parameters
-  compile  backend.prepare(): whatever the backend builds before its first step
-  warmup   a few training steps, then the initial parameters are loaded again (so the timed run
-           starts from the spec's state with warm caches)
-  train    the timed steps (bench.training.train)
-  sample   the timed sampling
-
-The test hook backends.register_extra_backends is applied here as in the CLI, so the fault
-tests run deliberately broken backends (tests/fault_backends.py) through the real runner.
+The test hook backends.register_extra_backends applies here as in the CLI, so deliberately
+broken backends (tests/fault_backends.py) run through the real runner.
 """
 from __future__ import annotations
 
 import faulthandler
 import json
-import os
-import statistics
 import struct
 import sys
 import time
 import traceback
 
+from bench.files import write_atomically
+from bench.record import (COMPILE_S, INFER, LOSSES, SAMPLING_S, SETUP, STEP_SECONDS,
+                          STEPS_COMPLETED, TOKENS_PER_S, TRAIN, Status)
+from bench.stats import step_statistics
+
 EVENT_PREFIX = "@@microgpt-bench "
 # Progress events while training are sent at most this often: one per step (a pipe write that
-# wakes the runner) slowed numpy's median step by ~8% on a busy 2-core machine.
+# wakes the runner) would slow the fastest backends' steps measurably.
 EVENT_INTERVAL_S = 0.2
 
 
@@ -71,35 +67,6 @@ def emit(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
-def write_json_atomically(path: str, document: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(document, handle)
-    os.replace(temporary, path)
-
-
-def step_statistics(step_seconds: list[float]) -> dict:
-    """Per-step figures in ms. The first step is reported apart (it may include lazy
-    compilation); median, quartiles and spread are over the steps after it."""
-    if not step_seconds:
-        return {}
-    steady = step_seconds[1:] or step_seconds
-    ms = sorted(1e3 * s for s in steady)
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return {
-        "first_step_ms": 1e3 * step_seconds[0],
-        "ms_per_step_median": statistics.median(ms),
-        "ms_per_step_mean": statistics.fmean(ms),
-        "ms_per_step_min": ms[0],
-        "ms_per_step_max": ms[-1],
-        "ms_per_step_q1": quartiles[0],
-        "ms_per_step_q3": quartiles[2],
-        "ms_per_step_iqr": quartiles[2] - quartiles[0],
-        "ms_per_step_stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-        "total_s": sum(step_seconds),
-    }
-
-
 def one_line(error: BaseException, limit: int = 400) -> str:
     """`Type: message` on one line; a message of many lines (numpy's ImportError advice) keeps
     its first and last, which say what and why."""
@@ -109,23 +76,23 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def new_result(request: dict) -> dict:
-    result = {key: request.get(key) for key in ("backend", "dtype", "steps", "config")}
-    result.update(status="error", phase="setup")
-    return result
+def new_record(request: dict) -> dict:
+    record = {key: request.get(key) for key in ("backend", "dtype", "steps", "config")}
+    record.update(status=Status.ERROR, phase="setup")
+    return record
 
 
-def _enter_phase(result: dict, phase: str, **fields) -> None:
-    result["phase"] = phase  # where a failure happened, if one does
+def _enter_phase(record: dict, phase: str, **fields) -> None:
+    record["phase"] = phase  # where a failure happened, if one does
     emit("phase", phase=phase, **fields)
 
 
-def run(request: dict, result: dict) -> dict:
-    """Fill `result` as the run goes, so that whatever is in it when the backend raises (the
+def run(request: dict, record: dict) -> dict:
+    """Fill `record` as the run goes, so that whatever is in it when the backend raises (the
     phase, the losses so far) is reported."""
     clock = time.perf_counter
 
-    _enter_phase(result, "setup")
+    _enter_phase(record, "setup")
     start = clock()
     from backends import (BackendUnavailable, availability, backend_class, backend_info,
                           framework_versions, register_extra_backends)
@@ -137,13 +104,14 @@ def run(request: dict, result: dict) -> dict:
     name = request["backend"]
     found = availability(name)
     if not found.available:
-        result.update(status="unavailable", error=found.reason, install_hint=found.install_hint)
-        return result
+        record.update(status=Status.UNAVAILABLE, error=found.reason,
+                      install_hint=found.install_hint)
+        return record
     try:
         implementation = backend_class(name)  # imports the framework
     except ImportError as error:  # installed but broken (a missing shared library, ...)
-        result.update(status="unavailable", error=f"cannot import it: {one_line(error)}")
-        return result
+        record.update(status=Status.UNAVAILABLE, error=f"cannot import it: {one_line(error)}")
+        return record
     import_s = clock() - start
 
     start = clock()
@@ -158,43 +126,43 @@ def run(request: dict, result: dict) -> dict:
         backend = implementation(config, spec.tokenizer.vocab_size, request["dtype"],
                                  request.get("device"))
     except BackendUnavailable as error:
-        result.update(status="unavailable", error=str(error))
-        return result
+        record.update(status=Status.UNAVAILABLE, error=str(error))
+        return record
     backend.load_parameters(spec.parameters)
     backend.sync()
     init_s = clock() - start
-    result["device"] = backend.device
-    result["framework_versions"] = framework_versions(name)
-    result["setup"] = {"import_s": import_s, "data_s": data_s, "init_s": init_s}
+    record["device"] = backend.device
+    record["framework_versions"] = framework_versions(name)
+    record[SETUP] = {"import_s": import_s, "data_s": data_s, "init_s": init_s}
     process_settings = backend.configure_process()
     if process_settings:
-        result["process_settings"] = process_settings
+        record["process_settings"] = process_settings
 
-    _enter_phase(result, "compile", device=backend.device)
+    _enter_phase(record, "compile", device=backend.device)
     start = clock()
     try:
         compile_parts = backend.prepare()
     except BackendUnavailable as error:  # e.g. a compiler the backend needs is missing
-        result.update(status="unavailable", error=str(error))
-        return result
+        record.update(status=Status.UNAVAILABLE, error=str(error))
+        return record
     backend.sync()
-    result["setup"]["compile_s"] = clock() - start
-    result["setup"]["compile_parts"] = compile_parts
+    record[SETUP][COMPILE_S.key] = clock() - start
+    record[SETUP]["compile_parts"] = compile_parts
 
     warmup_steps = min(request.get("warmup_steps", 0), request["steps"])
     if warmup_steps:
-        _enter_phase(result, "warmup", steps=warmup_steps)
+        _enter_phase(record, "warmup", steps=warmup_steps)
         start = clock()
         train(backend, spec, warmup_steps)
         backend.load_parameters(spec.parameters)
         backend.sync()
-        result["setup"]["warmup_s"] = clock() - start
-        result["setup"]["warmup_steps"] = warmup_steps
+        record[SETUP]["warmup_s"] = clock() - start
+        record[SETUP]["warmup_steps"] = warmup_steps
 
-    _enter_phase(result, "train", steps=request["steps"])
+    _enter_phase(record, "train", steps=request["steps"])
     # Losses so far, kept here so that a backend raising mid-run still reports them, and in the
     # runner's loss log so that a worker that dies keeps them too.
-    partial = result["train"] = {"losses": [], "steps_completed": 0}
+    partial = record[TRAIN] = {LOSSES: [], STEPS_COMPLETED: 0}
     loss_log = LossLog(request["loss_log"], request["steps"]) if request.get(
         "loss_log") else None
     pending, last_event = [], [0.0]
@@ -202,8 +170,8 @@ def run(request: dict, result: dict) -> dict:
     def on_step(step, loss):
         # Outside the timed region, and cheap: a store into shared memory per step; progress
         # events (a pipe write that wakes the runner) at most every EVENT_INTERVAL_S.
-        partial["losses"].append(loss)
-        partial["steps_completed"] = step + 1
+        partial[LOSSES].append(loss)
+        partial[STEPS_COMPLETED] = step + 1
         if loss_log is not None:
             loss_log.append(step, loss)
         pending.append(loss)
@@ -216,25 +184,27 @@ def run(request: dict, result: dict) -> dict:
     training = train(backend, spec, request["steps"], on_step=on_step)
     if pending:  # a run that stopped early (NaN, divergence)
         emit("losses", first_step=len(training.losses) - len(pending), losses=list(pending))
-    result["train"] = {"losses": training.losses, "step_seconds": training.step_seconds,
-                       "steps_completed": len(training.losses), **step_statistics(
-                           training.step_seconds)}
+    record[TRAIN] = {LOSSES: training.losses, STEP_SECONDS: training.step_seconds,
+                     STEPS_COMPLETED: len(training.losses),
+                     **step_statistics(training.step_seconds)}
     if training.stopped_reason:
         reason = training.stopped_reason.removeprefix("diverged: ")  # the status says it
-        result.update(status="diverged", error=reason)
-        return result
+        record.update(status=Status.DIVERGED, error=reason)
+        return record
 
-    _enter_phase(result, "sample")
+    _enter_phase(record, "sample")
     sampling = sample(backend, spec, request.get("num_samples"))
-    result["infer"] = {
-        "samples": sampling.samples, "tokens": sampling.tokens, "total_s": sampling.total_seconds,
-        "tokens_per_s": sampling.tokens / sampling.total_seconds if sampling.total_seconds else None,
+    record[INFER] = {
+        "samples": sampling.samples, "tokens": sampling.tokens,
+        SAMPLING_S.key: sampling.total_seconds,
+        TOKENS_PER_S.key: (sampling.tokens / sampling.total_seconds
+                           if sampling.total_seconds else None),
     }
-    result["details"] = backend.details()
-    result["dataset"] = dataset.describe()
-    result["status"] = "ok"
-    result.pop("phase")
-    return result
+    record["details"] = backend.details()
+    record["dataset"] = dataset.describe()
+    record["status"] = Status.OK
+    record.pop("phase")
+    return record
 
 
 def main(argv: list[str]) -> int:
@@ -244,16 +214,16 @@ def main(argv: list[str]) -> int:
     request_path, result_path = argv
     with open(request_path) as handle:
         request = json.load(handle)
-    result = new_result(request)
+    record = new_record(request)
     try:
-        run(request, result)
+        run(request, record)
     except Exception as error:  # reported to the runner as this run's failure, with context
-        steps = (result.get("train") or {}).get("steps_completed")
-        where = f"during {result['phase']}" + (f" after {steps} steps" if steps else "")
-        result.update(status="error", error=f"{one_line(error)} ({where})",
+        steps = (record.get(TRAIN) or {}).get(STEPS_COMPLETED)
+        where = f"during {record['phase']}" + (f" after {steps} steps" if steps else "")
+        record.update(status=Status.ERROR, error=f"{one_line(error)} ({where})",
                       traceback=traceback.format_exc()[-4000:])
-    write_json_atomically(result_path, result)
-    emit("done", status=result["status"])
+    write_atomically(result_path, json.dumps(record))
+    emit("done", status=record["status"])
     return 0
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.command import UsageError
+from bench.files import write_atomically
 
 DATASET_URL = "https://raw.githubusercontent.com/karpathy/makemore/988aa59/names.txt"
 DATASET_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
@@ -26,7 +28,7 @@ _HOW_TO_POINT = (
     f"or copy it to {CACHE_PATH}")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UsageError):
     """The dataset cannot be used; the message says what to do."""
 
 
@@ -100,8 +102,4 @@ def _download(url: str, cache_path: Path) -> None:
         raise DatasetError(
             f"downloaded {url} but its sha256 is {digest[:16]}..., not the spec's "
             f"{DATASET_SHA256[:16]}...; nothing was cached. Try again, or {_HOW_TO_POINT}")
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a crash never leaves a partial cache file.
-    with tempfile.NamedTemporaryFile(dir=cache_path.parent, delete=False) as handle:
-        handle.write(raw)
-    os.replace(handle.name, cache_path)
+    write_atomically(cache_path, raw)

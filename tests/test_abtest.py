@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import abtest
+from bench.command import ExitCode
 from tests.test_stats import synthetic_document
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -67,7 +68,7 @@ def test_no_parent_commit_is_skipped(repo, capsys):
     commit(repo, bench_files(1.0), "first")
     with pytest.raises(abtest.Skip, match="no commit HEAD~1"):
         abtest.run_abtest(repo)
-    assert abtest.main(["--repo", str(repo)]) == abtest.EXIT_OK
+    assert abtest.main(["--repo", str(repo)]) == ExitCode.OK
     assert "A/B skipped" in capsys.readouterr().out
 
 
@@ -101,7 +102,7 @@ def test_faster_head_passes_and_slower_head_fails(repo, tmp_path):
     commit(repo, bench_files(1.5), "slower")
     out = tmp_path / "ab.json"
     assert abtest.main(["--repo", str(repo), "--rounds", "4", "--json", str(out)]) \
-        == abtest.EXIT_REGRESSION
+        == ExitCode.FAILED
     summary = json.loads(out.read_text())
     assert summary["comparison"]["regressions"] == ["numpy float32"]
     assert summary["comparison"]["rows"][0]["ratio"] == pytest.approx(1.5 / 0.7, rel=0.05)

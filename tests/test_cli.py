@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import cli, results
+from bench.command import ExitCode
 from backends import EXTRA_BACKENDS_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ USAGE_ERRORS = [
 def test_usage_error_is_one_line_and_exit_2(args, message, bad_files, capsys):
     args = [arg.format(dir=bad_files) for arg in args]
     before = sorted(bad_files.iterdir())
-    assert cli.main([*FAST, *args]) == cli.EXIT_USAGE
+    assert cli.main([*FAST, *args]) == ExitCode.USAGE
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("error: ") and message.format(dir=bad_files) in lines[-1]
@@ -76,7 +77,7 @@ def test_usage_error_is_one_line_and_exit_2(args, message, bad_files, capsys):
 
 def test_malformed_test_hook_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv(EXTRA_BACKENDS_ENV_VAR, "oops")
-    assert cli.main(FAST) == cli.EXIT_USAGE
+    assert cli.main(FAST) == ExitCode.USAGE
     assert "is not name=module:Class" in capsys.readouterr().err
 
 
@@ -100,7 +101,7 @@ def test_device_the_backend_lacks_is_recorded_and_overwrite_replaces(tmp_path):
     path = tmp_path / "cuda.json"
     path.write_text("an earlier file")
     completed = run_bench(*FAST, "--device", "cuda", "--json", str(path), "--overwrite")
-    assert completed.returncode == cli.EXIT_FAILED
+    assert completed.returncode == ExitCode.FAILED
     assert "Traceback" not in completed.stderr
     run = results.load(path)["runs"][0]
     assert run["status"] == "unavailable"
@@ -112,7 +113,7 @@ def test_dtype_the_backend_lacks_is_recorded(tmp_path):
     path = tmp_path / "f32.json"
     completed = run_bench("--backend", "python", "--dtype", "float32", "--steps", "20",
                           "--quiet", "--json", str(path))
-    assert completed.returncode == cli.EXIT_FAILED
+    assert completed.returncode == ExitCode.FAILED
     run = results.load(path)["runs"][0]
     assert run["status"] == "unavailable"
     assert run["error"] == ("backend python does not support dtype float32; it supports: "
@@ -122,13 +123,13 @@ def test_dtype_the_backend_lacks_is_recorded(tmp_path):
 def test_exit_codes_of_run_statuses():
     def runs(*statuses):
         return [{"backend": f"b{i}", "status": status} for i, status in enumerate(statuses)]
-    assert cli.exit_code_of(runs("ok", "different init"), explicit=set()) == cli.EXIT_OK
+    assert cli.exit_code_of(runs("ok", "different init"), explicit=set()) == ExitCode.OK
     # A dtype a backend lacks in a run that did not name it (--all, or the default set).
-    assert cli.exit_code_of(runs("ok", "unavailable"), explicit=set()) == cli.EXIT_OK
-    assert cli.exit_code_of(runs("ok", "unavailable"), explicit={"b1"}) == cli.EXIT_FAILED
+    assert cli.exit_code_of(runs("ok", "unavailable"), explicit=set()) == ExitCode.OK
+    assert cli.exit_code_of(runs("ok", "unavailable"), explicit={"b1"}) == ExitCode.FAILED
     for status in ("crashed", "timeout", "out-of-memory", "error", "parity-failed", "diverged",
                    "interrupted"):
-        assert cli.exit_code_of(runs("ok", status), explicit=set()) == cli.EXIT_FAILED
+        assert cli.exit_code_of(runs("ok", status), explicit=set()) == ExitCode.FAILED
 
 
 # ---- results are never overwritten ----------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import compare
+from bench.command import ExitCode
 from tests.test_stats import synthetic_document
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def base(tmp_path):
 
 def test_same_numbers_pass(tmp_path, base, capsys):
     same = write(tmp_path, "same.json", synthetic_document(CONFIGS, repeats=5, seed=2))
-    assert compare.main([base, same]) == compare.EXIT_OK
+    assert compare.main([base, same]) == ExitCode.OK
     output = capsys.readouterr().out
     assert "no significant change" in output and "Geometric mean" in output
 
@@ -38,7 +39,7 @@ def test_clear_slowdown_is_a_regression(tmp_path, base, capsys):
     slowed = write(tmp_path, "slow.json",
                    synthetic_document(CONFIGS, repeats=5, seed=2, scale=1.5))
     out_json = tmp_path / "comparison.json"
-    assert compare.main([base, slowed, "--json", str(out_json)]) == compare.EXIT_REGRESSION
+    assert compare.main([base, slowed, "--json", str(out_json)]) == ExitCode.FAILED
     assert "REGRESSION" in capsys.readouterr().out
     comparison = json.loads(out_json.read_text())
     assert comparison["geometric_mean_ratio"] == pytest.approx(1.5, rel=0.03)
@@ -47,13 +48,13 @@ def test_clear_slowdown_is_a_regression(tmp_path, base, capsys):
         assert row["verdict"] == "regression" and row["p_value"] < 0.01
         assert row["ratio_ci"][0] < row["ratio"] < row["ratio_ci"][1]
     # A threshold above the slowdown: significant, but not a regression.
-    assert compare.main([base, slowed, "--max-slowdown", "0.6"]) == compare.EXIT_OK
+    assert compare.main([base, slowed, "--max-slowdown", "0.6"]) == ExitCode.OK
 
 
 def test_speedup_is_not_a_regression(tmp_path, base):
     faster = write(tmp_path, "fast.json",
                    synthetic_document(CONFIGS, repeats=5, seed=2, scale=0.5))
-    assert compare.main([base, faster]) == compare.EXIT_OK
+    assert compare.main([base, faster]) == ExitCode.OK
     comparison = compare.compare_documents(json.loads(Path(base).read_text()),
                                            json.loads(Path(faster).read_text()))
     assert {row.verdict for row in comparison.rows} == {"faster"}
@@ -82,7 +83,7 @@ def test_errors_exit_2_with_one_line(tmp_path, base, capsys, change, message):
     document = synthetic_document(CONFIGS, repeats=5, seed=2)
     change(document)
     new = write(tmp_path, "new.json", document)
-    assert compare.main([base, new]) == compare.EXIT_ERROR
+    assert compare.main([base, new]) == ExitCode.USAGE
     error = capsys.readouterr().err
     assert "error:" in error and "Traceback" not in error
     assert message in error and len(error.strip().splitlines()) == 1
@@ -91,16 +92,16 @@ def test_errors_exit_2_with_one_line(tmp_path, base, capsys, change, message):
 def test_cross_machine_allowed_on_request(tmp_path, base, capsys):
     other = write(tmp_path, "other.json",
                   synthetic_document(CONFIGS, repeats=5, seed=2, fingerprint="ffff"))
-    assert compare.main([base, other, "--allow-cross-machine"]) == compare.EXIT_OK
+    assert compare.main([base, other, "--allow-cross-machine"]) == ExitCode.OK
     assert "different machines" in capsys.readouterr().out
 
 
 def test_unreadable_files_exit_2(tmp_path, base, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text('{"suite": "microgpt-bench", "runs": [')
-    assert compare.main([base, str(broken)]) == compare.EXIT_ERROR
-    assert compare.main([base, str(tmp_path / "missing.json")]) == compare.EXIT_ERROR
-    assert compare.main([base]) == compare.EXIT_ERROR  # usage
+    assert compare.main([base, str(broken)]) == ExitCode.USAGE
+    assert compare.main([base, str(tmp_path / "missing.json")]) == ExitCode.USAGE
+    assert compare.main([base]) == ExitCode.USAGE  # usage
     errors = capsys.readouterr().err
     assert "not valid JSON" in errors and "no such file" in errors
     assert "Traceback" not in errors
@@ -118,14 +119,14 @@ def test_cli_dispatch(tmp_path, base):
 def test_statistic_choice(tmp_path, base, capsys):
     slowed = write(tmp_path, "slow.json",
                    synthetic_document(CONFIGS, repeats=5, seed=2, scale=1.5))
-    assert compare.main([base, slowed, "--statistic", "q1"]) == compare.EXIT_REGRESSION
+    assert compare.main([base, slowed, "--statistic", "q1"]) == ExitCode.FAILED
     assert "per-run q1" in capsys.readouterr().out
     # Runs with only a whole-run time (external programs): compared on the median.
     document = synthetic_document(CONFIGS, repeats=5, seed=2, scale=1.5)
     for run in document["runs"]:
         del run["train"]["ms_per_step_q1"]
     without_q1 = write(tmp_path, "external.json", document)
-    assert compare.main([base, without_q1, "--statistic", "q1"]) == compare.EXIT_REGRESSION
+    assert compare.main([base, without_q1, "--statistic", "q1"]) == ExitCode.FAILED
     assert "compared on the median instead" in capsys.readouterr().out
 
 
@@ -135,4 +136,4 @@ def test_external_program_runs_are_compared_not_errors(tmp_path, base):
         if run["backend"] == "python":
             run["status"] = "different init"  # an --external program: timed, not verifiable
     external = write(tmp_path, "external.json", document)
-    assert compare.main([base, external]) == compare.EXIT_OK
+    assert compare.main([base, external]) == ExitCode.OK

@@ -93,3 +93,18 @@ def test_missing_and_empty_files(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(DatasetError, match="no documents"):
         load_dataset(empty, allow_custom=True)
+
+
+def test_atomic_writer_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    """bench.files.write_atomically, which every cache and result file goes through."""
+    from bench.files import write_atomically
+    target = tmp_path / "new" / "cache.bin"
+    write_atomically(target, b"\x00first")
+    write_atomically(target, b"second")
+    assert target.read_bytes() == b"second"
+    write_atomically(target, "text")
+    assert target.read_text() == "text" and (target.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(TypeError):
+        write_atomically(target, None)
+    assert target.read_text() == "text"
+    assert [path.name for path in target.parent.iterdir()] == ["cache.bin"]

@@ -20,9 +20,10 @@ import pytest
 
 from bench import results
 from backends.contract import preset
-from bench.external import (PRECISION_SLACK, STATUS_DIFFERENT_INIT, ExternalSpecError,
-                            ParsedOutput, StepLoss, judge, parse_external_option)
+from bench.external import (PRECISION_SLACK, ExternalSpecError, ParsedOutput, StepLoss, judge,
+                            parse_external_option)
 from bench.parity import reference_losses
+from bench.record import Status
 from backends.contract import build_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_drifting_losses_fail_parity(external_run):
 
 def test_another_initialisation_is_timed_but_not_verified(external_run):
     run = external_run[2]["otherinit"]
-    assert run["status"] == STATUS_DIFFERENT_INIT
+    assert run["status"] == Status.DIFFERENT_INIT
     assert "another initialisation" in run["error"]
     assert run["train"]["ms_per_step_median"] > 0
 

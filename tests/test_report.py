@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
+from bench.command import ExitCode
 from backends.contract import preset
 from tests.test_stats import synthetic_document
 
@@ -96,5 +97,5 @@ def test_without_matplotlib_tables_are_still_written(tmp_path, monkeypatch):
 def test_bad_input_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"suite": "microgpt-bench", "schema_version": 0, "runs": []}))
-    assert report.main([str(bad), "--out", str(tmp_path / "out")]) == report.EXIT_ERROR
+    assert report.main([str(bad), "--out", str(tmp_path / "out")]) == ExitCode.USAGE
     assert "schema_version 0" in capsys.readouterr().err

@@ -7,6 +7,7 @@ documents that follow the result-file schema, with per-step times drawn around a
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 
@@ -14,7 +15,8 @@ import pytest
 
 from bench import results, stats
 from backends.contract import preset
-from bench.worker import step_statistics
+from bench.record import Status
+from bench.stats import step_statistics
 
 FINGERPRINT = "0123456789abcdef"
 
@@ -79,6 +81,25 @@ def test_quartiles_stay_inside_the_data_for_few_values():
     # statistics.quantiles' default method extrapolates below the minimum for two values.
     summary = stats.describe([1.0, 2.0])
     assert 1.0 <= summary["q1"] <= summary["q3"] <= 2.0
+
+
+def test_step_statistics_are_describe_of_the_steps_after_the_first():
+    # The first step (5 ms) is reported apart; the others are describe([10, 1, 4, 3, 2]) in ms.
+    figures = step_statistics([0.005, 0.010, 0.001, 0.004, 0.003, 0.002])
+    assert figures["first_step_ms"] == pytest.approx(5.0)
+    assert figures["total_s"] == pytest.approx(0.025)
+    assert (figures["ms_per_step_median"], figures["ms_per_step_mean"]) == pytest.approx((3, 4))
+    assert (figures["ms_per_step_q1"], figures["ms_per_step_q3"],
+            figures["ms_per_step_iqr"]) == pytest.approx((2, 4, 2))
+    assert figures["ms_per_step_stdev"] == pytest.approx(math.sqrt(12.5))
+    assert step_statistics([0.001])["ms_per_step_stdev"] == 0.0
+    assert step_statistics([]) == {}
+
+
+def test_status_is_its_value_in_result_files_and_text():
+    assert json.dumps({"status": Status.DIFFERENT_INIT}) == '{"status": "different init"}'
+    assert f"{Status.OUT_OF_MEMORY}" == str(Status.OUT_OF_MEMORY) == "out-of-memory"
+    assert Status.OK == "ok" and "parity-failed" in (Status.PARITY_FAILED,)
 
 
 def test_special_functions_known_values():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import results, sweep
+from bench.command import ExitCode
 from backends.contract import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,9 +119,9 @@ def test_real_sweep_writes_results_and_chart(tmp_path):
 
 
 def test_usage_errors_exit_2(capsys):
-    assert sweep.main(["--presets", "huge"]) == sweep.EXIT_USAGE
-    assert sweep.main(["--budget", "0"]) == sweep.EXIT_USAGE
-    assert sweep.main(["--backend", "nope"]) == sweep.EXIT_USAGE
+    assert sweep.main(["--presets", "huge"]) == ExitCode.USAGE
+    assert sweep.main(["--budget", "0"]) == ExitCode.USAGE
+    assert sweep.main(["--backend", "nope"]) == ExitCode.USAGE
     errors = capsys.readouterr().err
     assert "unknown preset 'huge'" in errors and "Traceback" not in errors
 
