@@ -13,11 +13,12 @@
 # both backward products (weight and input gradients) run along contiguous rows: SIMD along
 # `in`, with four independent accumulators so that the FMA latency is hidden.
 
-from std.math import exp, log, sqrt
+from std.math import exp, iota, log, sqrt
 from std.os import abort
 from std.python import Python, PythonObject
 from std.python.bindings import PythonModuleBuilder
-from std.sys import simd_width_of
+from std.sys import llvm_intrinsic, simd_width_of
+from std.time import perf_counter_ns
 
 comptime RMS_EPS = 1e-5
 
@@ -53,6 +54,78 @@ struct Buf[dtype: DType](ImplicitlyCopyable):
 @always_inline
 def view[dtype: DType](mut values: List[Scalar[dtype]]) -> Buf[dtype]:
     return Buf[dtype](values.unsafe_ptr().unsafe_origin_cast[MutUntrackedOrigin]())
+
+
+# ---- Adam's square root and division without the divider ---------------------------------------
+# vsqrt and vdiv of 512-bit vectors issue one every 6 to 16 cycles on the shared divider, and
+# Adam needs one of each per element: that was most of a step. Instead: the 14-bit hardware
+# estimates (vrsqrt14, vrcp14) refined by Newton steps on the FMA units, to within an ulp or
+# two (float64: two coupled steps for the root, one step plus a residual
+# correction for the quotient; float32: one step each).
+@always_inline
+def _rsqrt14[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w]:
+    comptime if dt == DType.float32 and w == 16:
+        return rebind[SIMD[dt, w]](
+            llvm_intrinsic["llvm.x86.avx512.rsqrt14.ps.512", SIMD[DType.float32, 16]](
+                rebind[SIMD[DType.float32, 16]](x), SIMD[DType.float32, 16](0), UInt16(0xFFFF)
+            )
+        )
+    elif dt == DType.float64 and w == 8:
+        return rebind[SIMD[dt, w]](
+            llvm_intrinsic["llvm.x86.avx512.rsqrt14.pd.512", SIMD[DType.float64, 8]](
+                rebind[SIMD[DType.float64, 8]](x), SIMD[DType.float64, 8](0), UInt8(0xFF)
+            )
+        )
+    else:
+        return 1 / sqrt(x)
+
+
+@always_inline
+def _rcp14[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w]:
+    comptime if dt == DType.float32 and w == 16:
+        return rebind[SIMD[dt, w]](
+            llvm_intrinsic["llvm.x86.avx512.rcp14.ps.512", SIMD[DType.float32, 16]](
+                rebind[SIMD[DType.float32, 16]](x), SIMD[DType.float32, 16](0), UInt16(0xFFFF)
+            )
+        )
+    elif dt == DType.float64 and w == 8:
+        return rebind[SIMD[dt, w]](
+            llvm_intrinsic["llvm.x86.avx512.rcp14.pd.512", SIMD[DType.float64, 8]](
+                rebind[SIMD[DType.float64, 8]](x), SIMD[DType.float64, 8](0), UInt8(0xFF)
+            )
+        )
+    else:
+        return 1 / x
+
+
+@always_inline
+def fast_sqrt[dt: DType, w: Int](x_in: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
+    """Returns sqrt(x) for x >= 0 to about an ulp. x below 1e-37 (float32) or 1e-200 (float64)
+    counts as that: its root is far below Adam's eps, the only thing it is added to, and the
+    Newton steps then never meet a subnormal (which costs a microcode assist each)."""
+    comptime tiny = 1e-37 if dt == DType.float32 else 1e-200
+    var x = max(x_in, SIMD[dt, w](tiny))
+    var y = _rsqrt14(x)
+    var s = x * y
+    var h = y * 0.5
+    var r = 0.5 - s * h
+    s = s + s * r
+    comptime if dt == DType.float64:
+        h = h + h * r
+        r = 0.5 - s * h
+        s = s + s * r
+    return s
+
+
+@always_inline
+def fast_div[dt: DType, w: Int](a: SIMD[dt, w], d: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
+    """Returns a / d for d > 0 to about an ulp."""
+    var r = _rcp14(d)
+    comptime if dt == DType.float64:
+        r = r + r * (1 - d * r)
+    var q = a * r
+    return q + r * (a - d * q)
+
 
 
 # ---- vector kernels (n is a runtime length; SIMD chunks, then a scalar tail) --------------------
@@ -311,6 +384,356 @@ def input_grad[
         t += 1
 
 
+# ---- the fast path: n_embd 16, 4 heads of 4, vocab <= 32 (the `tiny` preset) ---------------
+# Every width-16 row is one SIMD[dtype, 16] value (one AVX-512 register in float32, two in
+# float64). All positions of the batch run through each matrix product together (rows
+# concatenated), so that products are [N, in] x [in, out] with several independent
+# accumulators; only attention runs per sequence. Forward products broadcast an input scalar
+# against a row of the transposed weight (kept in `wt`, refreshed after every update);
+# backward products broadcast a gradient scalar against a row of the weight itself (the flat
+# buffer). Attention keeps the 4 heads side by side in one 16-lane row: q * k summed within
+# each group of 4 lanes gives every head's score, replicated over its 4 lanes, so softmax and
+# the weighted sums are plain vertical SIMD.
+comptime FC = 16  # n_embd
+comptime FF = 64  # MLP width
+comptime FQ = 48  # q, k, v side by side
+comptime FV = 32  # vocab, padded
+
+
+@always_inline
+def seg4_sum[dt: DType](p: SIMD[dt, 16]) -> SIMD[dt, 16]:
+    """Sum within each group of 4 lanes, replicated over the group."""
+    var s = p + p.shuffle[1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14]()
+    return s + s.shuffle[2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13]()
+
+
+@always_inline
+def rms16[dt: DType](x: SIMD[dt, 16]) -> Scalar[dt] where dt.is_floating_point():
+    var mean_square = (x * x).reduce_add() / Scalar[dt](FC)
+    return 1 / sqrt(mean_square + Scalar[dt](RMS_EPS))
+
+
+@always_inline
+def rms16_backward[
+    dt: DType
+](x: SIMD[dt, 16], s: Scalar[dt], dy: SIMD[dt, 16]) -> SIMD[dt, 16]:
+    """Returns s * dy - s^3 * x * mean(dy * x): the rmsnorm backward of y = x * s."""
+    var coefficient = s * s * s * (dy * x).reduce_add() / Scalar[dt](FC)
+    return s * dy - coefficient * x
+
+
+@always_inline
+def mm_forward[
+    dt: DType, IN: Int, OUT: Int, RES: Bool
+](y: Buf[dt], x: Buf[dt], wt: Buf[dt], res: Buf[dt], n: Int):
+    """Computes y[t, :OUT] = x[t, :IN] @ wt[IN, OUT] (+ res[t, :OUT]) for t < n rounded up
+    to 4 (the buffers have room; rows past n hold finite leftovers that nothing reads)."""
+    var t = 0
+    while t < n:
+        var x0 = x.at(t * IN)
+        var x1 = x.at((t + 1) * IN)
+        var x2 = x.at((t + 2) * IN)
+        var x3 = x.at((t + 3) * IN)
+        comptime for j in range(OUT // 16):
+            var a0 = SIMD[dt, 16](0)
+            var a1 = SIMD[dt, 16](0)
+            var a2 = SIMD[dt, 16](0)
+            var a3 = SIMD[dt, 16](0)
+            comptime for i in range(IN):
+                var w = wt.load[16](i * OUT + j * 16)
+                a0 += x0[i] * w
+                a1 += x1[i] * w
+                a2 += x2[i] * w
+                a3 += x3[i] * w
+            comptime if RES:
+                a0 += res.load[16](t * OUT + j * 16)
+                a1 += res.load[16]((t + 1) * OUT + j * 16)
+                a2 += res.load[16]((t + 2) * OUT + j * 16)
+                a3 += res.load[16]((t + 3) * OUT + j * 16)
+            y.store[16](t * OUT + j * 16, a0)
+            y.store[16]((t + 1) * OUT + j * 16, a1)
+            y.store[16]((t + 2) * OUT + j * 16, a2)
+            y.store[16]((t + 3) * OUT + j * 16, a3)
+        t += 4
+
+
+@always_inline
+def mm_weight_grad[
+    dt: DType, IN: Int, DS: Int
+](g: Buf[dt], dy: Buf[dt], x: Buf[dt], n: Int, rows: Int):
+    """Computes g[o, :IN] = sum_{t < n} dy[t, o] * x[t, :IN] for o < rows (dy row stride DS)."""
+    var o = 0
+    while o + 4 <= rows:
+        comptime for c in range(IN // 16):
+            var a0 = SIMD[dt, 16](0)
+            var a1 = SIMD[dt, 16](0)
+            var a2 = SIMD[dt, 16](0)
+            var a3 = SIMD[dt, 16](0)
+            for t in range(n):
+                var xv = x.load[16](t * IN + c * 16)
+                var d = dy.at(t * DS + o)
+                a0 += d[0] * xv
+                a1 += d[1] * xv
+                a2 += d[2] * xv
+                a3 += d[3] * xv
+            g.store[16](o * IN + c * 16, a0)
+            g.store[16]((o + 1) * IN + c * 16, a1)
+            g.store[16]((o + 2) * IN + c * 16, a2)
+            g.store[16]((o + 3) * IN + c * 16, a3)
+        o += 4
+    while o < rows:
+        comptime for c in range(IN // 16):
+            var a0 = SIMD[dt, 16](0)
+            for t in range(n):
+                a0 += dy[t * DS + o] * x.load[16](t * IN + c * 16)
+            g.store[16](o * IN + c * 16, a0)
+        o += 1
+
+
+@always_inline
+def mm_input_grad[
+    dt: DType, IN: Int, DS: Int
+](dx: Buf[dt], dy: Buf[dt], w: Buf[dt], n: Int, rows: Int):
+    """Computes dx[t, :IN] = sum_{o < rows} dy[t, o] * w[o, :IN] for t < n rounded up to 4."""
+    var t = 0
+    while t < n:
+        var d0 = dy.at(t * DS)
+        var d1 = dy.at((t + 1) * DS)
+        var d2 = dy.at((t + 2) * DS)
+        var d3 = dy.at((t + 3) * DS)
+        comptime for c in range(IN // 16):
+            var a0 = SIMD[dt, 16](0)
+            var a1 = SIMD[dt, 16](0)
+            var a2 = SIMD[dt, 16](0)
+            var a3 = SIMD[dt, 16](0)
+            for o in range(rows):
+                var wv = w.load[16](o * IN + c * 16)
+                a0 += d0[o] * wv
+                a1 += d1[o] * wv
+                a2 += d2[o] * wv
+                a3 += d3[o] * wv
+            dx.store[16](t * IN + c * 16, a0)
+            dx.store[16]((t + 1) * IN + c * 16, a1)
+            dx.store[16]((t + 2) * IN + c * 16, a2)
+            dx.store[16]((t + 3) * IN + c * 16, a3)
+        t += 4
+
+
+@always_inline
+def transpose8[dt: DType](dst: Buf[dt], dst_stride: Int, src: Buf[dt], src_stride: Int, rows: Int):
+    """Writes dst[c, r] = src[r, c] for an 8 x 8 block (rows from `rows` on read as 0): three
+    interleaving rounds of 8-lane vectors (one register each in float64)."""
+    var a0 = src.load[8](0 * src_stride) if 0 < rows else SIMD[dt, 8](0)
+    var a1 = src.load[8](1 * src_stride) if 1 < rows else SIMD[dt, 8](0)
+    var a2 = src.load[8](2 * src_stride) if 2 < rows else SIMD[dt, 8](0)
+    var a3 = src.load[8](3 * src_stride) if 3 < rows else SIMD[dt, 8](0)
+    var a4 = src.load[8](4 * src_stride) if 4 < rows else SIMD[dt, 8](0)
+    var a5 = src.load[8](5 * src_stride) if 5 < rows else SIMD[dt, 8](0)
+    var a6 = src.load[8](6 * src_stride) if 6 < rows else SIMD[dt, 8](0)
+    var a7 = src.load[8](7 * src_stride) if 7 < rows else SIMD[dt, 8](0)
+    var p0_0 = a0.interleave(a4)
+    var b0_0 = rebind[SIMD[dt, 8]](p0_0.slice[8, offset=0]())
+    var b0_1 = rebind[SIMD[dt, 8]](p0_0.slice[8, offset=8]())
+    var p0_1 = a1.interleave(a5)
+    var b0_2 = rebind[SIMD[dt, 8]](p0_1.slice[8, offset=0]())
+    var b0_3 = rebind[SIMD[dt, 8]](p0_1.slice[8, offset=8]())
+    var p0_2 = a2.interleave(a6)
+    var b0_4 = rebind[SIMD[dt, 8]](p0_2.slice[8, offset=0]())
+    var b0_5 = rebind[SIMD[dt, 8]](p0_2.slice[8, offset=8]())
+    var p0_3 = a3.interleave(a7)
+    var b0_6 = rebind[SIMD[dt, 8]](p0_3.slice[8, offset=0]())
+    var b0_7 = rebind[SIMD[dt, 8]](p0_3.slice[8, offset=8]())
+    var p1_0 = b0_0.interleave(b0_4)
+    var b1_0 = rebind[SIMD[dt, 8]](p1_0.slice[8, offset=0]())
+    var b1_1 = rebind[SIMD[dt, 8]](p1_0.slice[8, offset=8]())
+    var p1_1 = b0_1.interleave(b0_5)
+    var b1_2 = rebind[SIMD[dt, 8]](p1_1.slice[8, offset=0]())
+    var b1_3 = rebind[SIMD[dt, 8]](p1_1.slice[8, offset=8]())
+    var p1_2 = b0_2.interleave(b0_6)
+    var b1_4 = rebind[SIMD[dt, 8]](p1_2.slice[8, offset=0]())
+    var b1_5 = rebind[SIMD[dt, 8]](p1_2.slice[8, offset=8]())
+    var p1_3 = b0_3.interleave(b0_7)
+    var b1_6 = rebind[SIMD[dt, 8]](p1_3.slice[8, offset=0]())
+    var b1_7 = rebind[SIMD[dt, 8]](p1_3.slice[8, offset=8]())
+    var p2_0 = b1_0.interleave(b1_4)
+    var b2_0 = rebind[SIMD[dt, 8]](p2_0.slice[8, offset=0]())
+    var b2_1 = rebind[SIMD[dt, 8]](p2_0.slice[8, offset=8]())
+    var p2_1 = b1_1.interleave(b1_5)
+    var b2_2 = rebind[SIMD[dt, 8]](p2_1.slice[8, offset=0]())
+    var b2_3 = rebind[SIMD[dt, 8]](p2_1.slice[8, offset=8]())
+    var p2_2 = b1_2.interleave(b1_6)
+    var b2_4 = rebind[SIMD[dt, 8]](p2_2.slice[8, offset=0]())
+    var b2_5 = rebind[SIMD[dt, 8]](p2_2.slice[8, offset=8]())
+    var p2_3 = b1_3.interleave(b1_7)
+    var b2_6 = rebind[SIMD[dt, 8]](p2_3.slice[8, offset=0]())
+    var b2_7 = rebind[SIMD[dt, 8]](p2_3.slice[8, offset=8]())
+    dst.store[8](0 * dst_stride, b2_0)
+    dst.store[8](1 * dst_stride, b2_1)
+    dst.store[8](2 * dst_stride, b2_2)
+    dst.store[8](3 * dst_stride, b2_3)
+    dst.store[8](4 * dst_stride, b2_4)
+    dst.store[8](5 * dst_stride, b2_5)
+    dst.store[8](6 * dst_stride, b2_6)
+    dst.store[8](7 * dst_stride, b2_7)
+
+
+@always_inline
+def transpose16[dt: DType](dst: Buf[dt], dst_stride: Int, src: Buf[dt], src_stride: Int, rows: Int):
+    """Writes dst[c, r] = src[r, c] for a 16 x 16 block (source rows from `rows` on read as
+    0): four rounds that interleave rows k and k + 8, each rotating the (row, lane) index bits.
+    In float64, four 8 x 8 blocks instead (a 16-lane row is two registers there)."""
+    comptime if dt == DType.float64:
+        comptime for bi in range(2):
+            comptime for bj in range(2):
+                transpose8(
+                    dst.at(bj * 8 * dst_stride + bi * 8),
+                    dst_stride,
+                    src.at(bi * 8 * src_stride + bj * 8),
+                    src_stride,
+                    rows - bi * 8,
+                )
+        return
+    var a0 = src.load[16](0 * src_stride) if 0 < rows else SIMD[dt, 16](0)
+    var a1 = src.load[16](1 * src_stride) if 1 < rows else SIMD[dt, 16](0)
+    var a2 = src.load[16](2 * src_stride) if 2 < rows else SIMD[dt, 16](0)
+    var a3 = src.load[16](3 * src_stride) if 3 < rows else SIMD[dt, 16](0)
+    var a4 = src.load[16](4 * src_stride) if 4 < rows else SIMD[dt, 16](0)
+    var a5 = src.load[16](5 * src_stride) if 5 < rows else SIMD[dt, 16](0)
+    var a6 = src.load[16](6 * src_stride) if 6 < rows else SIMD[dt, 16](0)
+    var a7 = src.load[16](7 * src_stride) if 7 < rows else SIMD[dt, 16](0)
+    var a8 = src.load[16](8 * src_stride) if 8 < rows else SIMD[dt, 16](0)
+    var a9 = src.load[16](9 * src_stride) if 9 < rows else SIMD[dt, 16](0)
+    var a10 = src.load[16](10 * src_stride) if 10 < rows else SIMD[dt, 16](0)
+    var a11 = src.load[16](11 * src_stride) if 11 < rows else SIMD[dt, 16](0)
+    var a12 = src.load[16](12 * src_stride) if 12 < rows else SIMD[dt, 16](0)
+    var a13 = src.load[16](13 * src_stride) if 13 < rows else SIMD[dt, 16](0)
+    var a14 = src.load[16](14 * src_stride) if 14 < rows else SIMD[dt, 16](0)
+    var a15 = src.load[16](15 * src_stride) if 15 < rows else SIMD[dt, 16](0)
+    var p0_0 = a0.interleave(a8)
+    var b0_0 = rebind[SIMD[dt, 16]](p0_0.slice[16, offset=0]())
+    var b0_1 = rebind[SIMD[dt, 16]](p0_0.slice[16, offset=16]())
+    var p0_1 = a1.interleave(a9)
+    var b0_2 = rebind[SIMD[dt, 16]](p0_1.slice[16, offset=0]())
+    var b0_3 = rebind[SIMD[dt, 16]](p0_1.slice[16, offset=16]())
+    var p0_2 = a2.interleave(a10)
+    var b0_4 = rebind[SIMD[dt, 16]](p0_2.slice[16, offset=0]())
+    var b0_5 = rebind[SIMD[dt, 16]](p0_2.slice[16, offset=16]())
+    var p0_3 = a3.interleave(a11)
+    var b0_6 = rebind[SIMD[dt, 16]](p0_3.slice[16, offset=0]())
+    var b0_7 = rebind[SIMD[dt, 16]](p0_3.slice[16, offset=16]())
+    var p0_4 = a4.interleave(a12)
+    var b0_8 = rebind[SIMD[dt, 16]](p0_4.slice[16, offset=0]())
+    var b0_9 = rebind[SIMD[dt, 16]](p0_4.slice[16, offset=16]())
+    var p0_5 = a5.interleave(a13)
+    var b0_10 = rebind[SIMD[dt, 16]](p0_5.slice[16, offset=0]())
+    var b0_11 = rebind[SIMD[dt, 16]](p0_5.slice[16, offset=16]())
+    var p0_6 = a6.interleave(a14)
+    var b0_12 = rebind[SIMD[dt, 16]](p0_6.slice[16, offset=0]())
+    var b0_13 = rebind[SIMD[dt, 16]](p0_6.slice[16, offset=16]())
+    var p0_7 = a7.interleave(a15)
+    var b0_14 = rebind[SIMD[dt, 16]](p0_7.slice[16, offset=0]())
+    var b0_15 = rebind[SIMD[dt, 16]](p0_7.slice[16, offset=16]())
+    var p1_0 = b0_0.interleave(b0_8)
+    var b1_0 = rebind[SIMD[dt, 16]](p1_0.slice[16, offset=0]())
+    var b1_1 = rebind[SIMD[dt, 16]](p1_0.slice[16, offset=16]())
+    var p1_1 = b0_1.interleave(b0_9)
+    var b1_2 = rebind[SIMD[dt, 16]](p1_1.slice[16, offset=0]())
+    var b1_3 = rebind[SIMD[dt, 16]](p1_1.slice[16, offset=16]())
+    var p1_2 = b0_2.interleave(b0_10)
+    var b1_4 = rebind[SIMD[dt, 16]](p1_2.slice[16, offset=0]())
+    var b1_5 = rebind[SIMD[dt, 16]](p1_2.slice[16, offset=16]())
+    var p1_3 = b0_3.interleave(b0_11)
+    var b1_6 = rebind[SIMD[dt, 16]](p1_3.slice[16, offset=0]())
+    var b1_7 = rebind[SIMD[dt, 16]](p1_3.slice[16, offset=16]())
+    var p1_4 = b0_4.interleave(b0_12)
+    var b1_8 = rebind[SIMD[dt, 16]](p1_4.slice[16, offset=0]())
+    var b1_9 = rebind[SIMD[dt, 16]](p1_4.slice[16, offset=16]())
+    var p1_5 = b0_5.interleave(b0_13)
+    var b1_10 = rebind[SIMD[dt, 16]](p1_5.slice[16, offset=0]())
+    var b1_11 = rebind[SIMD[dt, 16]](p1_5.slice[16, offset=16]())
+    var p1_6 = b0_6.interleave(b0_14)
+    var b1_12 = rebind[SIMD[dt, 16]](p1_6.slice[16, offset=0]())
+    var b1_13 = rebind[SIMD[dt, 16]](p1_6.slice[16, offset=16]())
+    var p1_7 = b0_7.interleave(b0_15)
+    var b1_14 = rebind[SIMD[dt, 16]](p1_7.slice[16, offset=0]())
+    var b1_15 = rebind[SIMD[dt, 16]](p1_7.slice[16, offset=16]())
+    var p2_0 = b1_0.interleave(b1_8)
+    var b2_0 = rebind[SIMD[dt, 16]](p2_0.slice[16, offset=0]())
+    var b2_1 = rebind[SIMD[dt, 16]](p2_0.slice[16, offset=16]())
+    var p2_1 = b1_1.interleave(b1_9)
+    var b2_2 = rebind[SIMD[dt, 16]](p2_1.slice[16, offset=0]())
+    var b2_3 = rebind[SIMD[dt, 16]](p2_1.slice[16, offset=16]())
+    var p2_2 = b1_2.interleave(b1_10)
+    var b2_4 = rebind[SIMD[dt, 16]](p2_2.slice[16, offset=0]())
+    var b2_5 = rebind[SIMD[dt, 16]](p2_2.slice[16, offset=16]())
+    var p2_3 = b1_3.interleave(b1_11)
+    var b2_6 = rebind[SIMD[dt, 16]](p2_3.slice[16, offset=0]())
+    var b2_7 = rebind[SIMD[dt, 16]](p2_3.slice[16, offset=16]())
+    var p2_4 = b1_4.interleave(b1_12)
+    var b2_8 = rebind[SIMD[dt, 16]](p2_4.slice[16, offset=0]())
+    var b2_9 = rebind[SIMD[dt, 16]](p2_4.slice[16, offset=16]())
+    var p2_5 = b1_5.interleave(b1_13)
+    var b2_10 = rebind[SIMD[dt, 16]](p2_5.slice[16, offset=0]())
+    var b2_11 = rebind[SIMD[dt, 16]](p2_5.slice[16, offset=16]())
+    var p2_6 = b1_6.interleave(b1_14)
+    var b2_12 = rebind[SIMD[dt, 16]](p2_6.slice[16, offset=0]())
+    var b2_13 = rebind[SIMD[dt, 16]](p2_6.slice[16, offset=16]())
+    var p2_7 = b1_7.interleave(b1_15)
+    var b2_14 = rebind[SIMD[dt, 16]](p2_7.slice[16, offset=0]())
+    var b2_15 = rebind[SIMD[dt, 16]](p2_7.slice[16, offset=16]())
+    var p3_0 = b2_0.interleave(b2_8)
+    var b3_0 = rebind[SIMD[dt, 16]](p3_0.slice[16, offset=0]())
+    var b3_1 = rebind[SIMD[dt, 16]](p3_0.slice[16, offset=16]())
+    var p3_1 = b2_1.interleave(b2_9)
+    var b3_2 = rebind[SIMD[dt, 16]](p3_1.slice[16, offset=0]())
+    var b3_3 = rebind[SIMD[dt, 16]](p3_1.slice[16, offset=16]())
+    var p3_2 = b2_2.interleave(b2_10)
+    var b3_4 = rebind[SIMD[dt, 16]](p3_2.slice[16, offset=0]())
+    var b3_5 = rebind[SIMD[dt, 16]](p3_2.slice[16, offset=16]())
+    var p3_3 = b2_3.interleave(b2_11)
+    var b3_6 = rebind[SIMD[dt, 16]](p3_3.slice[16, offset=0]())
+    var b3_7 = rebind[SIMD[dt, 16]](p3_3.slice[16, offset=16]())
+    var p3_4 = b2_4.interleave(b2_12)
+    var b3_8 = rebind[SIMD[dt, 16]](p3_4.slice[16, offset=0]())
+    var b3_9 = rebind[SIMD[dt, 16]](p3_4.slice[16, offset=16]())
+    var p3_5 = b2_5.interleave(b2_13)
+    var b3_10 = rebind[SIMD[dt, 16]](p3_5.slice[16, offset=0]())
+    var b3_11 = rebind[SIMD[dt, 16]](p3_5.slice[16, offset=16]())
+    var p3_6 = b2_6.interleave(b2_14)
+    var b3_12 = rebind[SIMD[dt, 16]](p3_6.slice[16, offset=0]())
+    var b3_13 = rebind[SIMD[dt, 16]](p3_6.slice[16, offset=16]())
+    var p3_7 = b2_7.interleave(b2_15)
+    var b3_14 = rebind[SIMD[dt, 16]](p3_7.slice[16, offset=0]())
+    var b3_15 = rebind[SIMD[dt, 16]](p3_7.slice[16, offset=16]())
+    dst.store[16](0 * dst_stride, b3_0)
+    dst.store[16](1 * dst_stride, b3_1)
+    dst.store[16](2 * dst_stride, b3_2)
+    dst.store[16](3 * dst_stride, b3_3)
+    dst.store[16](4 * dst_stride, b3_4)
+    dst.store[16](5 * dst_stride, b3_5)
+    dst.store[16](6 * dst_stride, b3_6)
+    dst.store[16](7 * dst_stride, b3_7)
+    dst.store[16](8 * dst_stride, b3_8)
+    dst.store[16](9 * dst_stride, b3_9)
+    dst.store[16](10 * dst_stride, b3_10)
+    dst.store[16](11 * dst_stride, b3_11)
+    dst.store[16](12 * dst_stride, b3_12)
+    dst.store[16](13 * dst_stride, b3_13)
+    dst.store[16](14 * dst_stride, b3_14)
+    dst.store[16](15 * dst_stride, b3_15)
+
+
+@always_inline
+def transpose_into[dt: DType](dst: Buf[dt], src: Buf[dt], rows: Int, cols: Int, dst_stride: Int):
+    """Writes dst[c, r] = src[r, c] (src [rows, cols] row-major, dst rows dst_stride apart)."""
+    for r in range(rows):
+        for c in range(cols):
+            dst[c * dst_stride + r] = src[r * cols + c]
+
+
+comptime FAST_LAYER = 4 * FC * FC + 2 * FF * FC  # one layer's matrices
+
+
 # ---- the model --------------------------------------------------------------------------------
 struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_point():
     """All state of one backend instance; see the file header for the layout."""
@@ -373,6 +796,36 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
     var tokens: List[Int]
     var lengths: List[Int]
     var cache_length: Int  # positions in the key/value cache when sampling
+
+    # The fast path (n_embd 16, 4 heads, vocab <= 32): transposed weights and the activations
+    # of every position of a batch, rows concatenated (offsets set by fast_resize).
+    var fast: Bool
+    var wt: List[Self.Scalar]
+    var fa: List[Self.Scalar]
+    var fcap: Int
+    var fo_e: Int  # [N, C] wte[t] + wpe[p]
+    var fo_s0: Int  # [N]
+    var fo_xf: Int  # [N, C] the last layer's output
+    var fo_dlog: Int  # [N, 32] logits, then d loss / d logits
+    var fo_dx: Int  # [N, C]
+    var fo_dxn: Int  # [N, C]
+    var fo_dheads: Int  # [N, C]
+    var fo_dqkv: Int  # [N, 3C]
+    var fo_dact: Int  # [N, F]
+    var fo_datt: Int  # [S, C]
+    var fo_layers: Int
+    var fl_xin: Int  # [N, C]
+    var fl_s1: Int  # [N]
+    var fl_xn: Int  # [N, C]
+    var fl_qkv: Int  # [N, 3C]
+    var fl_att: Int  # [N, S, C] softmax weights, each head's replicated over its 4 lanes
+    var fl_heads: Int  # [N, C]
+    var fl_xmid: Int  # [N, C]
+    var fl_s2: Int  # [N]
+    var fl_xn2: Int  # [N, C]
+    var fl_hid: Int  # [N, F] before relu
+    var fl_act: Int  # [N, F] after relu
+    var fl_stride: Int
 
     def __init__(
         out self,
@@ -474,6 +927,37 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         self.tokens = List[Int](length=S + 1, fill=0)
         self.lengths = List[Int](length=1, fill=0)
         self.cache_length = 0
+        self.fast = n_embd == FC and n_head == 4 and vocab <= FV
+        self.wt = List[Self.Scalar](
+            length=(n_layer * FAST_LAYER + FC * FV) if self.fast else 0, fill=0
+        )
+        self.fa = List[Self.Scalar]()
+        self.fcap = 0
+        self.fo_e = 0
+        self.fo_s0 = 0
+        self.fo_xf = 0
+        self.fo_dlog = 0
+        self.fo_dx = 0
+        self.fo_dxn = 0
+        self.fo_dheads = 0
+        self.fo_dqkv = 0
+        self.fo_dact = 0
+        self.fo_datt = 0
+        self.fo_layers = 0
+        self.fl_xin = 0
+        self.fl_s1 = 0
+        self.fl_xn = 0
+        self.fl_qkv = 0
+        self.fl_att = 0
+        self.fl_heads = 0
+        self.fl_xmid = 0
+        self.fl_s2 = 0
+        self.fl_xn2 = 0
+        self.fl_hid = 0
+        self.fl_act = 0
+        self.fl_stride = 0
+        if self.fast:
+            self.fast_resize(block + 4 - block % 4)
 
     def write_to(self, mut writer: Some[Writer]):
         writer.write(
@@ -699,6 +1183,299 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             axpy(g.at(self.wpe() + t * C), Self.Scalar(1), dembed, C)
             axpy(g.at(self.wte() + self.tokens[first_token + t] * C), Self.Scalar(1), dembed, C)
 
+    # ---- the fast path (see the kernels above) -------------------------------------------------
+    def fast_resize(mut self, rows: Int):
+        """Room for `rows` concatenated positions (a multiple of 4); only when a batch needs
+        more than any batch before it."""
+        var S = self.block
+        var size = 0
+        self.fo_e = size
+        size += rows * FC
+        self.fo_s0 = size
+        size += rows
+        self.fo_xf = size
+        size += rows * FC
+        self.fo_dlog = size
+        size += rows * FV
+        self.fo_dx = size
+        size += rows * FC
+        self.fo_dxn = size
+        size += rows * FC
+        self.fo_dheads = size
+        size += rows * FC
+        self.fo_dqkv = size
+        size += rows * FQ
+        self.fo_dact = size
+        size += rows * FF
+        self.fo_datt = size
+        size += S * FC
+        self.fo_layers = size
+        var field = 0
+        self.fl_xin = field
+        field += rows * FC
+        self.fl_s1 = field
+        field += rows
+        self.fl_xn = field
+        field += rows * FC
+        self.fl_qkv = field
+        field += rows * FQ
+        self.fl_att = field
+        field += rows * S * FC
+        self.fl_heads = field
+        field += rows * FC
+        self.fl_xmid = field
+        field += rows * FC
+        self.fl_s2 = field
+        field += rows
+        self.fl_xn2 = field
+        field += rows * FC
+        self.fl_hid = field
+        field += rows * FF
+        self.fl_act = field
+        field += rows * FF
+        self.fl_stride = field
+        size += self.n_layer * field
+        self.fa = List[Self.Scalar](length=size, fill=0)
+        self.fcap = rows
+
+    def refresh_transposed(mut self):
+        """The forward products' copy of every matrix, transposed: per layer wqkv^T [16, 48],
+        wo^T [16, 16], fc1^T [16, 64], fc2^T [64, 16]; then lm_head^T [16, 32] (columns past
+        vocab stay 0)."""
+        if not self.fast:
+            return
+        var p = view(self.params)
+        var wt = view(self.wt)
+        for layer in range(self.n_layer):
+            var w = p.at(self.layer_params(layer))
+            var t = wt.at(layer * FAST_LAYER)
+            for blk in range(3):  # wq, wk, wv [16, 16] each -> columns of [16, 48]
+                transpose16(t.at(blk * FC), FQ, w.at(blk * FC * FC), FC, FC)
+            transpose16(t.at(3 * FC * FC), FC, w.at(3 * FC * FC), FC, FC)
+            for blk in range(4):  # fc1 [64, 16] -> [16, 64]
+                transpose16(t.at(4 * FC * FC + blk * FC), FF, w.at(4 * FC * FC + blk * FC * FC), FC, FC)
+            var fc2 = 4 * FC * FC + FF * FC
+            for blk in range(4):  # fc2 [16, 64] -> [64, 16]
+                transpose16(t.at(fc2 + blk * FC * FC), FC, w.at(fc2 + blk * FC), FF, FC)
+        var lm_t = wt.at(self.n_layer * FAST_LAYER)
+        var lm = p.at(self.lm_head())
+        transpose16(lm_t, FV, lm, FC, min(self.vocab, FC))
+        transpose16(lm_t.at(FC), FV, lm.at(FC * FC), FC, self.vocab - FC)
+
+    def fast_attention(mut self, a: Int, start: Int, n: Int):
+        """Causal attention of one sequence (rows start .. start + n) of the layer at a."""
+        var fa = view(self.fa)
+        var S = self.block
+        var qkv = fa.at(a + self.fl_qkv)
+        var heads = fa.at(a + self.fl_heads)
+        var scale = self.attention_scale
+        for t in range(n):
+            var q = qkv.load[16]((start + t) * FQ)
+            var arow = fa.at(a + self.fl_att + (start + t) * S * FC)
+            var top = SIMD[Self.dtype, 16](Self.Scalar.MIN_FINITE)
+            for j in range(t + 1):
+                var score = seg4_sum(q * qkv.load[16]((start + j) * FQ + FC)) * scale
+                arow.store[16](j * FC, score)
+                top = max(top, score)
+            var total = SIMD[Self.dtype, 16](0)
+            for j in range(t + 1):
+                var e = exp(arow.load[16](j * FC) - top)
+                arow.store[16](j * FC, e)
+                total += e
+            var o = SIMD[Self.dtype, 16](0)
+            var inverse = 1 / total  # one division, then products
+            for j in range(t + 1):
+                var aj = arow.load[16](j * FC) * inverse
+                arow.store[16](j * FC, aj)
+                o += aj * qkv.load[16]((start + j) * FQ + 2 * FC)
+            heads.store[16]((start + t) * FC, o)
+
+    def fast_attention_backward(mut self, a: Int, start: Int, n: Int):
+        """Writes dq, dk, dv of one sequence into the dqkv rows start .. start + n, from dheads."""
+        var fa = view(self.fa)
+        var S = self.block
+        var qkv = fa.at(a + self.fl_qkv)
+        var dqkv = fa.at(self.fo_dqkv)
+        var dheads = fa.at(self.fo_dheads)
+        var datt = fa.at(self.fo_datt)
+        var scale = self.attention_scale
+        for i in range(n * FQ // 16):
+            dqkv.store[16](start * FQ + i * 16, SIMD[Self.dtype, 16](0))
+        for t in range(n):
+            var dh = dheads.load[16]((start + t) * FC)
+            var q = qkv.load[16]((start + t) * FQ)
+            var arow = fa.at(a + self.fl_att + (start + t) * S * FC)
+            var weighted = SIMD[Self.dtype, 16](0)
+            for j in range(t + 1):
+                var da = seg4_sum(dh * qkv.load[16]((start + j) * FQ + 2 * FC))
+                datt.store[16](j * FC, da)
+                weighted += da * arow.load[16](j * FC)
+            var dq = SIMD[Self.dtype, 16](0)
+            for j in range(t + 1):
+                var aj = arow.load[16](j * FC)
+                var ds = aj * (datt.load[16](j * FC) - weighted) * scale
+                var row = (start + j) * FQ
+                dqkv.store[16](row + 2 * FC, dqkv.load[16](row + 2 * FC) + aj * dh)
+                dq += ds * qkv.load[16](row + FC)
+                dqkv.store[16](row + FC, dqkv.load[16](row + FC) + ds * q)
+            var own = (start + t) * FQ
+            dqkv.store[16](own, dqkv.load[16](own) + dq)
+
+    def fast_loss_and_backward(mut self, rows: Int) -> Float64:
+        """Computes loss_and_backward for the fast path: all positions of the batch at once."""
+        comptime V16 = SIMD[Self.dtype, 16]
+        var S = self.block
+        var V = self.vocab
+        var stride = S + 1
+        var n = 0
+        for b in range(rows):
+            n += self.lengths[b]
+        var n4 = (n + 3) // 4 * 4
+        if n4 > self.fcap:
+            self.fast_resize(n4)
+        var fa = view(self.fa)
+        var p = view(self.params)
+        var g = view(self.grads)
+        var wt = view(self.wt)
+
+        # Embeddings, then the first rmsnorm.
+        var x0 = fa.at(self.fo_layers + self.fl_xin)
+        var r = 0
+        for b in range(rows):
+            for t in range(self.lengths[b]):
+                var token = self.tokens[b * stride + t]
+                var e = p.load[16](self.wte() + token * FC) + p.load[16](self.wpe() + t * FC)
+                var s0 = rms16(e)
+                fa.store[16](self.fo_e + r * FC, e)
+                fa[self.fo_s0 + r] = s0
+                x0.store[16](r * FC, e * s0)
+                r += 1
+
+        for layer in range(self.n_layer):
+            var a = self.fo_layers + layer * self.fl_stride
+            var wl = wt.at(layer * FAST_LAYER)
+            var x_in = fa.at(a + self.fl_xin)
+            var xn = fa.at(a + self.fl_xn)
+            for i in range(n):
+                var x = x_in.load[16](i * FC)
+                var s1 = rms16(x)
+                fa[a + self.fl_s1 + i] = s1
+                xn.store[16](i * FC, x * s1)
+            mm_forward[Self.dtype, FC, FQ, False](fa.at(a + self.fl_qkv), xn, wl, xn, n)
+            var start = 0
+            for b in range(rows):
+                self.fast_attention(a, start, self.lengths[b])
+                start += self.lengths[b]
+            var x_mid = fa.at(a + self.fl_xmid)
+            mm_forward[Self.dtype, FC, FC, True](
+                x_mid, fa.at(a + self.fl_heads), wl.at(3 * FC * FC), x_in, n
+            )
+            var xn2 = fa.at(a + self.fl_xn2)
+            for i in range(n):
+                var x = x_mid.load[16](i * FC)
+                var s2 = rms16(x)
+                fa[a + self.fl_s2 + i] = s2
+                xn2.store[16](i * FC, x * s2)
+            var hid = fa.at(a + self.fl_hid)
+            var act = fa.at(a + self.fl_act)
+            mm_forward[Self.dtype, FC, FF, False](hid, xn2, wl.at(4 * FC * FC), xn2, n)
+            for i in range(n4 * FF // 16):
+                act.store[16](i * 16, max(hid.load[16](i * 16), V16(0)))
+            var x_out = fa.at(self.fo_xf)
+            if layer + 1 < self.n_layer:
+                x_out = fa.at(a + self.fl_stride + self.fl_xin)
+            mm_forward[Self.dtype, FF, FC, True](
+                x_out, act, wl.at(4 * FC * FC + FF * FC), x_mid, n
+            )
+
+        # Logits, softmax, loss and d loss / d logits = (softmax - onehot) / count.
+        var dlog = fa.at(self.fo_dlog)
+        var xf = fa.at(self.fo_xf)
+        var lm_t = wt.at(self.n_layer * FAST_LAYER)
+        mm_forward[Self.dtype, FC, FV, False](dlog, xf, lm_t, xf, n)
+        var valid = iota[Self.dtype, FV]().lt(SIMD[Self.dtype, FV](Self.Scalar(V)))
+        var weight = Self.Scalar(1) / Self.Scalar(n)
+        var loss_sum = Self.Scalar(0)
+        r = 0
+        for b in range(rows):
+            for t in range(self.lengths[b]):
+                var logits = dlog.load[FV](r * FV)
+                var top = valid.select(logits, Self.Scalar.MIN_FINITE).reduce_max()
+                var e = valid.select(exp(logits - top), SIMD[Self.dtype, FV](0))
+                var probs = e * (1 / e.reduce_add())
+                var target = self.tokens[b * stride + t + 1]
+                loss_sum -= log(probs[target])
+                var d = probs * weight
+                d[target] -= weight
+                dlog.store[FV](r * FV, d)
+                r += 1
+
+        # Backward. Matrix gradients are written whole (every position at once); the
+        # embedding gradients are scattered, so they start from zero.
+        for i in range(self.lm_head() // 16):
+            g.store[16](i * 16, V16(0))
+        for i in range(self.lm_head() // 16 * 16, self.lm_head()):
+            g[i] = 0
+        var dx = fa.at(self.fo_dx)
+        var dxn = fa.at(self.fo_dxn)
+        var dact = fa.at(self.fo_dact)
+        var dheads = fa.at(self.fo_dheads)
+        var dqkv = fa.at(self.fo_dqkv)
+        mm_weight_grad[Self.dtype, FC, FV](g.at(self.lm_head()), dlog, xf, n, V)
+        mm_input_grad[Self.dtype, FC, FV](dx, dlog, p.at(self.lm_head()), n, V)
+        for layer in reversed(range(self.n_layer)):
+            var a = self.fo_layers + layer * self.fl_stride
+            var offset = self.layer_params(layer)
+            var w = p.at(offset)
+            var gw = g.at(offset)
+            var fc1 = 4 * FC * FC
+            var fc2 = fc1 + FF * FC
+            # MLP block
+            mm_weight_grad[Self.dtype, FF, FC](gw.at(fc2), dx, fa.at(a + self.fl_act), n, FC)
+            mm_input_grad[Self.dtype, FF, FC](dact, dx, w.at(fc2), n, FC)
+            var hid = fa.at(a + self.fl_hid)
+            for i in range(n4 * FF // 16):
+                var h = hid.load[16](i * 16)
+                dact.store[16](i * 16, h.gt(V16(0)).select(dact.load[16](i * 16), V16(0)))
+            mm_weight_grad[Self.dtype, FC, FF](gw.at(fc1), dact, fa.at(a + self.fl_xn2), n, FF)
+            mm_input_grad[Self.dtype, FC, FF](dxn, dact, w.at(fc1), n, FF)
+            var x_mid = fa.at(a + self.fl_xmid)
+            for i in range(n):
+                var back = rms16_backward(
+                    x_mid.load[16](i * FC), fa[a + self.fl_s2 + i], dxn.load[16](i * FC)
+                )
+                dx.store[16](i * FC, dx.load[16](i * FC) + back)
+            # Attention block
+            mm_weight_grad[Self.dtype, FC, FC](
+                gw.at(3 * FC * FC), dx, fa.at(a + self.fl_heads), n, FC
+            )
+            mm_input_grad[Self.dtype, FC, FC](dheads, dx, w.at(3 * FC * FC), n, FC)
+            var start = 0
+            for b in range(rows):
+                self.fast_attention_backward(a, start, self.lengths[b])
+                start += self.lengths[b]
+            mm_weight_grad[Self.dtype, FC, FQ](gw, dqkv, fa.at(a + self.fl_xn), n, FQ)
+            mm_input_grad[Self.dtype, FC, FQ](dxn, dqkv, w, n, FQ)
+            var x_in = fa.at(a + self.fl_xin)
+            for i in range(n):
+                var back = rms16_backward(
+                    x_in.load[16](i * FC), fa[a + self.fl_s1 + i], dxn.load[16](i * FC)
+                )
+                dx.store[16](i * FC, dx.load[16](i * FC) + back)
+        # Embeddings: rmsnorm backward, scattered into the wte and wpe rows.
+        r = 0
+        for b in range(rows):
+            for t in range(self.lengths[b]):
+                var d = rms16_backward(
+                    fa.load[16](self.fo_e + r * FC), fa[self.fo_s0 + r], dx.load[16](r * FC)
+                )
+                var pos = self.wpe() + t * FC
+                g.store[16](pos, g.load[16](pos) + d)
+                var tok = self.wte() + self.tokens[b * stride + t] * FC
+                g.store[16](tok, g.load[16](tok) + d)
+                r += 1
+        return Float64(loss_sum) / Float64(n)
+
     # ---- one step ----------------------------------------------------------------------------
     def read_batch(mut self, sequences: PythonObject) raises -> Int:
         """Copies the batch's token rows (a list of lists of ints) into self.tokens and
@@ -749,6 +1526,8 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
     def loss_and_backward(mut self, rows: Int) -> Float64:
         """Forward and backward over the batch read by read_batch; gradients in self.grads,
         the loss (mean over every predicted position) returned."""
+        if self.fast:
+            return self.fast_loss_and_backward(rows)
         var V = self.vocab
         var stride = self.block + 1
         var count = 0
@@ -801,7 +1580,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             var vi = v.load[Wd](i) * b2 + gi * gi * one_minus_b2
             m.store[Wd](i, mi)
             v.store[Wd](i, vi)
-            var update = mi / (sqrt(vi * inv_bc2) + eps) * step_size
+            var update = fast_div(mi, fast_sqrt(vi * inv_bc2) + eps) * step_size
             p.store[Wd](i, p.load[Wd](i) - update)
             i += Wd
         while i < self.n_params:
@@ -812,6 +1591,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             v[i] = vi
             p[i] = p[i] - mi / (sqrt(vi * inv_bc2) + eps) * step_size
             i += 1
+        self.refresh_transposed()
 
     # ---- Python-facing methods (self_ptr is the Python object's Mojo value) -------------------
     @staticmethod
@@ -850,6 +1630,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             model.params[i] = source[unsafe_offset=i].cast[Self.dtype]()
             model.adam_m[i] = 0
             model.adam_v[i] = 0
+        model.refresh_transposed()
         return PythonObject(None)
 
     @staticmethod
@@ -951,6 +1732,46 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         return PythonObject(None)
 
     @staticmethod
+    def py_address(self_ptr: Pointer[Self, MutAnyOrigin]) -> PythonObject:
+        """The model's address, for the module-level step functions (train_step32/64)."""
+        return PythonObject(Int(self_ptr))
+
+    @staticmethod
+    def py_profile(
+        self_ptr: Pointer[Self, MutAnyOrigin], sequences: PythonObject, reps: PythonObject
+    ) raises -> PythonObject:
+        """Nanoseconds per call of each part of a step, over `reps` calls each: reading the
+        batch, forward and backward, Adam without the transposed copy, the transposed copy.
+        Changes the parameters (for profiling only)."""
+        ref model = self_ptr[]
+        var n = Int(py=reps)
+        var t0 = perf_counter_ns()
+        var rows = 0
+        for _ in range(n):
+            rows = model.read_batch(sequences)
+        var t1 = perf_counter_ns()
+        var loss = 0.0
+        for _ in range(n):
+            loss += model.loss_and_backward(rows)
+        var t2 = perf_counter_ns()
+        var fast = model.fast
+        model.fast = False
+        for _ in range(n):
+            model.adam(1e-12, 1.0, 1.0)
+        model.fast = fast
+        var t3 = perf_counter_ns()
+        for _ in range(n):
+            model.refresh_transposed()
+        var t4 = perf_counter_ns()
+        var result = Python.list()
+        result.append(Float64(t1 - t0) / Float64(n))
+        result.append(Float64(t2 - t1) / Float64(n))
+        result.append(Float64(t3 - t2) / Float64(n))
+        result.append(Float64(t4 - t3) / Float64(n))
+        result.append(loss)
+        return result
+
+    @staticmethod
     def py_noop(self_ptr: Pointer[Self, MutAnyOrigin]) -> PythonObject:
         return PythonObject(None)
 
@@ -959,6 +1780,24 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
 def noop() -> PythonObject:
     """Does nothing: times the bare Python -> Mojo call."""
     return PythonObject(None)
+
+
+def step_at[
+    dtype: DType
+](
+    address: PythonObject,
+    sequences: PythonObject,
+    learning_rate: PythonObject,
+    bias_correction1: PythonObject,
+    bias_correction2: PythonObject,
+) raises -> PythonObject where dtype.is_floating_point():
+    """Runs train_step of the NativeModel at `address` (its address() method): a module-level
+    function, because a method call from Python costs about 120 ns more than a function call
+    (measured in details(): mojo_noop_method_call_ns against mojo_noop_function_call_ns)."""
+    var model = Pointer[NativeModel[dtype], MutAnyOrigin](unsafe_from_address=Int(py=address))
+    return NativeModel[dtype].py_train_step(
+        model, sequences, learning_rate, bias_correction1, bias_correction2
+    )
 
 
 def simd_width(dtype_name: PythonObject) raises -> PythonObject:
@@ -987,6 +1826,8 @@ def bind_model[
         .def_method[M.py_reset_cache]("reset_cache")
         .def_method[M.py_next_logits]("next_logits")
         .def_method[M.py_noop]("noop")
+        .def_method[M.py_address]("address")
+        .def_method[M.py_profile]("profile")
     )
 
 
@@ -996,6 +1837,8 @@ def PyInit_microgpt_native() abi("C") -> PythonObject:
         var module = PythonModuleBuilder("microgpt_native")
         module.def_function[noop]("noop")
         module.def_function[simd_width]("simd_width")
+        module.def_function[step_at[DType.float32]]("train_step32")
+        module.def_function[step_at[DType.float64]]("train_step64")
         bind_model[DType.float32](module, "NativeModel32")
         bind_model[DType.float64](module, "NativeModel64")
         return module.finalize()
