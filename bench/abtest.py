@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,8 +30,11 @@ import time
 from pathlib import Path
 
 from bench import compare, results
-from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
-from bench.files import REPO_ROOT, write_atomically
+from bench.command import (ArgumentParser, ExitCode, UsageError, describe_interrupt,
+                           install_termination_handlers, interrupt_exit_code, print_error,
+                           run_guarded, stdout_console)
+from bench.files import REPO_ROOT, claim, write_atomically
+from bench.runner import supervise
 from bench.record import MEDIAN_MS, MIN_MS, Q1_MS, Status
 DEFAULT_BACKENDS = ("numpy",)
 DEFAULT_ROUNDS = 12
@@ -60,11 +64,17 @@ def git(repo: Path, *args: str, check: bool = False) -> subprocess.CompletedProc
     return completed
 
 
-def resolve_base(repo: Path, revision: str) -> str:
-    """The commit to compare against, or Skip with the reason."""
+def resolve_base(repo: Path, revision: str, required: bool = False) -> str:
+    """The commit to compare against, or Skip with the reason. A revision the user named
+    (`required`) that does not resolve is an ABError (exit 2): a typo must not pass a gate."""
     if git(repo, "rev-parse", "--git-dir").returncode != 0:
+        if required:
+            raise ABError(f"--base {revision}: {repo} is not a git checkout")
         raise Skip(f"{repo} is not a git checkout")
     found = git(repo, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    if found.returncode != 0 and required:
+        raise ABError(f"--base {revision}: no such commit in {repo} (check the name; "
+                      f"`git log --oneline` lists commits)")
     if found.returncode != 0:
         shallow = git(repo, "rev-parse", "--is-shallow-repository").stdout.strip() == "true"
         raise Skip(f"no commit {revision} to compare against"
@@ -110,15 +120,19 @@ def run_side(root: Path, backends: list[str], steps: int, warmup: int, json_path
              env: dict) -> tuple[dict | None, str]:
     """One `bench.py` process in `root`; the result document (None if there is none) and the
     tail of its output for error messages."""
-    try:
-        completed = subprocess.run(bench_command(backends, steps, warmup, json_path), cwd=root,
-                                   env=env, capture_output=True, text=True,
-                                   timeout=RUN_TIMEOUT_S)
-        output = (completed.stdout + completed.stderr).strip()
-    except subprocess.TimeoutExpired:
+    # Supervised like every process the suite starts: its whole process tree is killed on a
+    # timeout, on Ctrl-C or SIGTERM, and when this process dies.
+    outcome = supervise(bench_command(backends, steps, warmup, json_path), cwd=root, env=env,
+                        timeout_s=RUN_TIMEOUT_S)
+    if outcome.interrupted:
+        raise outcome.interrupt
+    output = "\n".join(outcome.stdout_tail + outcome.stderr_tail).strip()
+    if outcome.timed_out:
         return None, f"timed out after {RUN_TIMEOUT_S} s"
-    if not json_path.exists():
-        return None, output[-2000:] or f"exit code {completed.returncode}"
+    if outcome.launch_error:
+        return None, outcome.launch_error
+    if not json_path.exists() or json_path.stat().st_size == 0:
+        return None, output[-2000:] or f"exit code {outcome.returncode}"
     try:
         return results.load(json_path), output[-2000:]
     except results.ResultFileError as error:
@@ -148,14 +162,17 @@ def _environment(repo: Path) -> dict:
     return env
 
 
-def run_abtest(repo: Path = REPO_ROOT, base_revision: str = "HEAD~1",
+def run_abtest(repo: Path = REPO_ROOT, base_revision: str | None = None,
                backends: tuple[str, ...] = DEFAULT_BACKENDS, rounds: int = DEFAULT_ROUNDS,
                steps: int = DEFAULT_STEPS, warmup: int = DEFAULT_WARMUP,
                max_slowdown: float = DEFAULT_MAX_SLOWDOWN, alpha: float = DEFAULT_ALPHA,
                statistic: str = DEFAULT_STATISTIC,
                log=print) -> tuple[compare.Comparison, dict]:
-    """Measure and compare; raises Skip or ABError. Returns the comparison and a summary."""
-    commit = resolve_base(repo, base_revision)
+    """Measure and compare; raises Skip or ABError. Returns the comparison and a summary.
+    `base_revision` None compares with HEAD~1 (skipped where there is none); a named one must
+    exist."""
+    commit = (resolve_base(repo, "HEAD~1") if base_revision is None
+              else resolve_base(repo, base_revision, required=True))
     head = git(repo, "rev-parse", "HEAD").stdout.strip()
     env = _environment(repo)
     started = time.monotonic()
@@ -237,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", action="append", default=[], metavar="NAME",
                         help=f"backend to compare (repeatable; default "
                              f"{', '.join(DEFAULT_BACKENDS)})")
-    parser.add_argument("--base", default="HEAD~1", metavar="REV",
-                        help="the commit to compare against (default HEAD~1)")
+    parser.add_argument("--base", default=None, metavar="REV",
+                        help="the commit to compare against (default HEAD~1, skipped when "
+                             "there is none; a named REV that does not exist is an error)")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
                         help=f"runs per side, alternating AB/BA (default {DEFAULT_ROUNDS})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
@@ -256,23 +274,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"per-run figure compared (default {DEFAULT_STATISTIC}: the "
                              f"fastest step of each run)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="write the comparison and settings as JSON")
+                        help="write the comparison and settings as JSON (a new file, or "
+                             "with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow --json to replace an existing file")
     parser.add_argument("--repo", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return run_guarded(lambda: _main(build_parser().parse_args(argv)))
+    install_termination_handlers()
+    try:
+        return run_guarded(lambda: _main(build_parser().parse_args(argv)))
+    except KeyboardInterrupt as interrupt:  # the worktree and every run were cleaned up
+        print_error(f"interrupted by {describe_interrupt(interrupt)}")
+        return interrupt_exit_code(interrupt)
 
 
 def _main(args) -> int:
-    from rich.console import Console
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    if args.rounds < 2 or args.steps < 2:
-        raise UsageError("--rounds and --steps must be >= 2")
+    console = stdout_console(wide=160)
+    if args.rounds < compare.MIN_RUNS_FOR_RUN_LEVEL_TEST or args.steps < 2:
+        raise UsageError(f"--rounds must be >= {compare.MIN_RUNS_FOR_RUN_LEVEL_TEST} (fewer "
+                         f"runs cannot show a significant change) and --steps >= 2")
+    if args.steps > 1_000_000 or args.rounds > 10_000 or not 0 <= args.warmup <= 1_000_000:
+        raise UsageError("--steps must be at most 1,000,000, --rounds at most 10,000 and "
+                         "--warmup between 0 and 1,000,000")
+    if not (math.isfinite(args.max_slowdown) and args.max_slowdown >= 0) \
+            or not 0 < args.alpha < 1:
+        raise UsageError("--max-slowdown must be a finite number >= 0 and --alpha between 0 "
+                         "and 1")
+    if args.json:
+        claim([args.json], overwrite=args.overwrite, what="--json")
     backends = tuple(dict.fromkeys(args.backend)) or DEFAULT_BACKENDS
-    console.print(f"A/B: this checkout against {args.base}; {', '.join(backends)}; "
+    console.print(f"A/B: this checkout against {args.base or 'HEAD~1'}; {', '.join(backends)}; "
                   f"{args.rounds} rounds of {args.steps} steps; per-run {args.statistic} of "
                   f"the step times; regression = p < {args.alpha:g} and more than "
                   f"{args.max_slowdown:.0%} slower", highlight=False)

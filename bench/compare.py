@@ -7,17 +7,20 @@ and a verdict. Then the geometric mean of the ratios over all configurations.
 Which test: with at least 3 runs (repeats, each a fresh process) on each side, Welch's t-test on
 the logarithms of the per-run medians, since run-to-run variation is the noise that matters
 and speed changes are ratios (the test also gives a 95% confidence interval of the ratio).
-With fewer runs, the Mann-Whitney U test on the per-step times of the runs (steps after the
-first), which says whether the step times of NEW are shifted against BASE's.
+With fewer runs no test is made and the verdict is "too few runs for significance" (never a
+regression): the steps of one run are not independent samples, so a rank test on them calls
+noise significant (one slow phase of the machine slows hundreds of steps at once).
 
-Exit codes (bench.command.ExitCode): 0 no significant slowdown beyond --max-slowdown; 1 a
-regression (significant AND slower than the threshold); 2 an error: a file that cannot be read
-or has another schema version, results from different machines (unless --allow-cross-machine),
-a run in NEW that failed its parity check or crashed, or nothing in common to compare.
+Exit codes (bench.command.ExitCode): 0 no significant slowdown beyond --max-slowdown (or too
+few runs to tell); 1 a regression (significant AND slower than the threshold), and only that;
+2 an error: a file that cannot be read, is not valid JSON, has another schema version or a
+field of the wrong type (bench.results.validate), a --json output that cannot be claimed,
+results from different machines (unless --allow-cross-machine), a run in NEW that failed its parity check or crashed, or nothing in common to compare.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -26,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import results, stats
-from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
-from bench.files import write_atomically
-from bench.record import (MEDIAN_MS, MIN_MS, Q1_MS, STEP_SECONDS, TIMED_STATUSES, TRAIN, Status,
+from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded, stdout_console
+from bench.files import claim, display, write_atomically
+from bench.record import (MEDIAN_MS, MIN_MS, Q1_MS, TIMED_STATUSES, Status,
                           is_timed)
 
 # Which per-run figure is compared. The median step is what the tables show. On a busy shared
@@ -40,6 +43,7 @@ DEFAULT_STATISTIC = "median"
 DEFAULT_MAX_SLOWDOWN = 0.10
 DEFAULT_ALPHA = 0.05
 MIN_RUNS_FOR_RUN_LEVEL_TEST = 3
+TOO_FEW_RUNS = "too few runs for significance"
 
 
 class CompareError(UsageError):
@@ -149,12 +153,6 @@ def check_comparable(base: dict, new: dict, allow_cross_machine: bool,
     return notes
 
 
-def _step_ms(runs: list[dict]) -> list[float]:
-    """Per-step times in ms of all runs, without each run's first step (reported apart)."""
-    return [1e3 * seconds for run in runs
-            for seconds in (run[TRAIN].get(STEP_SECONDS) or [])[1:]]
-
-
 def _per_run(runs: list[dict], statistic: str) -> tuple[list[float], str]:
     """Each run's figure, and the statistic it is. External programs (bench.external) have
     only a whole-run time per step, recorded as the median: they are compared on that."""
@@ -187,16 +185,15 @@ def compare_configuration(base_runs: list[dict], new_runs: list[dict], max_slowd
         p_value = result.p_value
         ratio_ci = (math.exp(result["ci_low"]), math.exp(result["ci_high"]))
     else:
-        base_steps, new_steps = _step_ms(base_runs), _step_ms(new_runs)
-        if base_steps and new_steps:
-            result = stats.mann_whitney_u(new_steps, base_steps)
-            test = (f"Mann-Whitney U on step times ({len(base_steps)} vs {len(new_steps)} "
-                    f"steps; use --repeat 3+ for a run-level test)")
-            p_value = result.p_value
-        else:
-            test = "none (no step times in the file)"
+        # The steps of one run are not independent samples (one slow phase of the machine
+        # slows hundreds of them at once), so they cannot tell a regression from noise: only
+        # runs can, and a test needs a few of them on each side.
+        test = (f"none: too few runs for significance ({len(base_runs)} vs {len(new_runs)}; "
+                f"use --repeat {MIN_RUNS_FOR_RUN_LEVEL_TEST} or more on each side)")
     significant = p_value is not None and p_value < alpha
-    if significant and ratio > 1 + max_slowdown:
+    if p_value is None and min(len(base_runs), len(new_runs)) < MIN_RUNS_FOR_RUN_LEVEL_TEST:
+        verdict = TOO_FEW_RUNS
+    elif significant and ratio > 1 + max_slowdown:
         verdict = "regression"
     elif significant and ratio > 1:
         verdict = "slower"
@@ -327,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "tables), or the first quartile / fastest step, steadier on a "
                              "busy machine")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the comparison as JSON")
+                        help="also write the comparison as JSON (a new file: never one of the "
+                             "inputs, an existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow --json to replace an existing file that is not an input")
     return parser
 
 
@@ -337,28 +337,48 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from rich.console import Console
-    if not args.max_slowdown >= 0:
-        raise CompareError("--max-slowdown must be >= 0")
+    if not (math.isfinite(args.max_slowdown) and args.max_slowdown >= 0):
+        raise CompareError("--max-slowdown must be a finite number >= 0")
     if not 0 < args.alpha < 1:
         raise CompareError("--alpha must be between 0 and 1")
     base, new = results.load(args.base), results.load(args.new)
+    base_name, new_name = display(args.base), display(args.new)
     comparison = compare_documents(base, new, args.max_slowdown, args.alpha,
-                                   args.allow_cross_machine, str(args.base), str(args.new),
+                                   args.allow_cross_machine, base_name, new_name,
                                    args.statistic)
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    print_comparison(comparison, console, str(args.base), str(args.new))
+    # The output is claimed before anything is printed: it can never replace an input, and
+    # an existing file only with --overwrite.
+    taken = claim([args.json], overwrite=args.overwrite, inputs=[args.base, args.new],
+                  what="--json", hint="choose another path or pass --overwrite") \
+        if args.json else None
+    console = stdout_console(wide=160)  # a closed stdout loses the table, not the verdict
+    try:
+        print_comparison(comparison, console, base_name, new_name)
+    except (OSError, ValueError):  # stdout closed: the verdict is the exit code
+        pass
     if args.json:
-        write_atomically(args.json, json.dumps(comparison.to_dict(), indent=1) + "\n")
-    if comparison.regressions:
-        names = ", ".join(f"{row.label} ({row.config}) {row.ratio:.3f}x"
-                          for row in comparison.regressions)
-        console.print(f"[bold red]REGRESSION[/bold red]: {names} (more than "
-                      f"{args.max_slowdown:.0%} slower, p < {args.alpha:g})", highlight=False)
-        return ExitCode.FAILED
-    console.print("[green]OK[/green]: no significant slowdown beyond "
-                  f"{args.max_slowdown:.0%}", highlight=False)
-    return ExitCode.OK
+        try:
+            write_atomically(args.json, json.dumps(comparison.to_dict(), indent=1) + "\n")
+        except OSError as error:
+            taken.release()
+            raise UsageError(f"cannot write --json {display(args.json)}: "
+                             f"{error.strerror or error}") from None
+    with contextlib.suppress(OSError, ValueError):
+        if comparison.regressions:
+            names = ", ".join(f"{row.label} ({row.config}) {row.ratio:.3f}x"
+                              for row in comparison.regressions)
+            console.print(f"[bold red]REGRESSION[/bold red]: {names} (more than "
+                          f"{args.max_slowdown:.0%} slower, p < {args.alpha:g})",
+                          highlight=False)
+        elif any(row.verdict == TOO_FEW_RUNS for row in comparison.rows):
+            console.print(f"[yellow]OK, but {TOO_FEW_RUNS}[/yellow]: no regression can be "
+                          f"called with fewer than {MIN_RUNS_FOR_RUN_LEVEL_TEST} runs per side "
+                          f"(bench.py --repeat {MIN_RUNS_FOR_RUN_LEVEL_TEST} or more)",
+                          highlight=False)
+        else:
+            console.print("[green]OK[/green]: no significant slowdown beyond "
+                          f"{args.max_slowdown:.0%}", highlight=False)
+    return ExitCode.FAILED if comparison.regressions else ExitCode.OK
 
 
 if __name__ == "__main__":

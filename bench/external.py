@@ -21,7 +21,9 @@ import statistics
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from bench.command import UsageError
+from pathlib import Path
+
+from bench.command import UsageError, describe_interrupt
 from bench.parity import LOSS_TOLERANCE
 from bench.record import (LOSSES, MEDIAN_MS, STEP_MS, STEPS_COMPLETED, TRAIN, TRAIN_S,
                           Status)
@@ -37,8 +39,18 @@ TIMING_NOTE = ("wall time of the whole process / N steps: includes process start
                "data loading, setup and sampling")
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
-STEP_LINE = re.compile(rf"\bstep\s+(\d+)\s*/\s*(\d+)\s*\|\s*loss\s*:?\s*({_NUMBER})",
-                       re.IGNORECASE)
+# K and N of at most 12 digits: anything longer is not a step count (and is not parsed).
+STEP_LINE = re.compile(rf"\bstep\s+(\d{{1,12}})\s*/\s*(\d{{1,12}})\s*\|\s*loss\s*:?\s*"
+                       rf"({_NUMBER})(?![\w.])", re.IGNORECASE)
+# What a step line must hold to be checked: N a plausible number of steps (the suite's own
+# --steps bound), a loss that is a positive number (cross-entropy is > 0; NaN and inf are
+# read, as divergence), printed to at least 3 decimals (the original prints 4), since the
+# tolerance is taken from the printed digits.
+MAX_STEPS = 1_000_000
+MAX_PRINT_ROUNDING = 5e-4
+# Sample lines kept, and their length: a program's output never grows the result file much.
+MAX_SAMPLES = 1000
+MAX_SAMPLE_CHARS = 200
 SAMPLE_LINE = re.compile(r"^\s*sample\s+(\d+)\s*:\s?(.*?)\s*$", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -71,9 +83,30 @@ def parse_external_option(text: str, taken_names=()) -> ExternalCommand:
     except ValueError as error:
         raise ExternalSpecError(f"--external {name}: cannot split the command ({error})") from None
     if shutil.which(argv[0]) is None:
-        raise ExternalSpecError(f"--external {name}: command {argv[0]!r} not found (not on PATH "
-                                f"and not an executable file)")
+        raise ExternalSpecError(f"--external {name}: {_why_not_runnable(argv[0])}")
     return ExternalCommand(name, argv)
+
+
+def _why_not_runnable(program: str) -> str:
+    path = Path(program)
+    has_folder = os.sep in program or (os.altsep and os.altsep in program)
+    try:
+        exists = path.exists()
+        is_dir = path.is_dir()
+    except OSError as error:  # a symlink loop, a name too long
+        return f"command {program!r} cannot be used: {error.strerror or error}"
+    if has_folder:
+        if is_dir:
+            return f"command {program!r} is a directory, not a program"
+        if exists and not os.access(path, os.X_OK):
+            return (f"command {program!r} is not executable (chmod +x it, or run it through "
+                    f"its interpreter, e.g. 'python {program}')")
+        if not exists:
+            return f"command {program!r} not found (no such file)"
+    elif exists and not is_dir:
+        return (f"command {program!r} not found on PATH (to run the file in this folder, "
+                f"write ./{program})")
+    return f"command {program!r} not found (not on PATH and not an executable file)"
 
 
 # ---- reading the output ------------------------------------------------------------------
@@ -90,24 +123,50 @@ class ParsedOutput:
     totals: set[int] = field(default_factory=set)  # the N of every step line
     samples: dict[int, str] = field(default_factory=dict)
 
+    problems: list[str] = field(default_factory=list)  # step lines that cannot be checked
+
     def feed(self, line: str) -> StepLoss | bool:
         """Read one line; returns the StepLoss of a step line, True for a sample line and
-        False for anything else."""
+        False for anything else. A step line that cannot be checked (an implausible N, a loss
+        that is not a positive number or has too few digits) is noted in `problems`."""
         match = STEP_LINE.search(line)
         if match:
             step, total, text = int(match[1]), int(match[2]), match[3]
+            problem = _step_problem(step, total, text)
+            if problem:
+                if len(self.problems) < 5:
+                    self.problems.append(problem)
+                return True
             self.totals.add(total)
             self.steps[step] = StepLoss(step, float(text), _half_unit(text))
             return self.steps[step]
         match = SAMPLE_LINE.match(line)
-        if match:
-            self.samples[int(match[1])] = match[2]
+        if match and len(match[1]) <= 9:
+            if len(self.samples) < MAX_SAMPLES or int(match[1]) in self.samples:
+                self.samples[int(match[1])] = match[2][:MAX_SAMPLE_CHARS]
             return True
         return False
 
     @property
     def ordered(self) -> list[StepLoss]:
         return [self.steps[step] for step in sorted(self.steps)]
+
+
+def _step_problem(step: int, total: int, text: str) -> str | None:
+    line = f"`step {step} / {total} | loss {text}`"
+    if not 1 <= total <= MAX_STEPS:
+        return (f"{line}: N={total:,} is not a plausible number of steps (1..{MAX_STEPS:,})")
+    if not 1 <= step <= total:
+        return f"{line}: the step is outside 1..N"
+    value = float(text)
+    if math.isnan(value) or math.isinf(value):
+        return None  # read: the run diverged
+    if value <= 0:
+        return f"{line}: a loss must be a positive number (cross-entropy is > 0)"
+    if _half_unit(text) > MAX_PRINT_ROUNDING or _half_unit(text) == 0:
+        return (f"{line}: printed with too few digits to be checked (rounding "
+                f"+-{_half_unit(text):g}); print at least 3 decimals, as the original's 4")
+    return None
 
 
 def _half_unit(text: str) -> float:
@@ -209,19 +268,26 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
     }
     if parsed.samples:
         record["infer"] = {"samples": [parsed.samples[k] for k in sorted(parsed.samples)]}
-    problem = _output_problem(external.name, printed, parsed.totals, outcome.stdout_tail)
-    verdict = None
+    where = external.name + (f" after printing step {printed[-1].step} of {total}"
+                             if printed else "")
+    if outcome.interrupted:
+        record.update(status=Status.INTERRUPTED,
+                      error=f"interrupted by {describe_interrupt(outcome.interrupt)}, {where}")
+        raise Interrupted(record, outcome.interrupt)
+    problem = _output_problem(external.name, printed, parsed.totals, outcome.stdout_tail,
+                              parsed.problems)
+    verdict, reference = None, None
     if printed and not problem:
-        reference = reference_for(total, printed[-1].step)
+        try:
+            reference = reference_for(total, printed[-1].step)
+        except Exception as error:  # bench.reference.ReferenceFailed: over the limits
+            reference, problem = None, (f"the float64 reference of its {total} steps could "
+                                        f"not be computed: {error}")
+    if reference is not None:
         verdict = judge(printed, reference, vocab_size)
         if verdict[2]:  # kept for failed runs too, as a diagnosis
             record["parity"] = verdict[2]
 
-    where = external.name + (f" after printing step {printed[-1].step} of {total}"
-                             if printed else "")
-    if outcome.interrupted:
-        record.update(status=Status.INTERRUPTED, error=f"interrupted by the user (Ctrl-C), {where}")
-        raise Interrupted(record)
     if outcome.returncode != 0 or outcome.timed_out:
         status, message = failure_of(outcome, timeout_s, memory_limit_mb, where)
         record.update(status=status, error=message)
@@ -230,6 +296,11 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
         record["error"] = problem
         return record
     status, message, _ = verdict
+    if status in (Status.OK, Status.DIFFERENT_INIT) and printed[-1].step != total:
+        # Its wall time is not that of N steps: not timed.
+        record["error"] = (f"{external.name} exited 0 after printing step {printed[-1].step} "
+                           f"of {total}: the run did not finish, so it is not timed")
+        return record
     record["status"] = status
     if status != Status.OK:
         record["error"] = message
@@ -242,8 +313,10 @@ def run_external(external: ExternalCommand, *, config, vocab_size: int, referenc
 
 
 def _output_problem(name: str, printed: list[StepLoss], totals: set[int],
-                    stdout_tail: list[str]) -> str | None:
+                    stdout_tail: list[str], problems: list[str] = ()) -> str | None:
     """Why the output cannot be checked at all, or None."""
+    if problems:
+        return f"{name} printed a step line that cannot be checked: {problems[0]}"
     if not printed:
         last = next((line for line in reversed(stdout_tail) if line.strip()), "")
         return (f"{name} printed no `step K / N | loss X` lines"

@@ -2,7 +2,9 @@
 
 Files from the same machine (same environment.machine_fingerprint) are merged: runs of the same
 backend configuration count as more repeats. Files from several machines get one table per
-machine and a side-by-side table of the time per step. Written to DIR (default results/report):
+machine and a side-by-side table of the time per step. A file given twice (or a copy of it)
+counts once. Written to DIR (default: a new folder results/report-<time>; an existing DIR only
+where report wrote before, per its manifest, or with --overwrite):
 
   report.md                 per-machine summary tables, warnings, side-by-side table
   summary.csv               one row per machine and backend configuration, every statistic
@@ -18,22 +20,27 @@ matplotlib is imported only to draw; without it the tables are still written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import datetime
 import io
+import json
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.contract import GPTConfig
 from bench import results, stats
-from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
-from bench.files import RESULTS_DIR, write_atomically
+from bench.command import ArgumentParser, ExitCode, SafeStdout, UsageError, run_guarded
+from bench.files import RESULTS_DIR, OutputError, display, new_directory, write_atomically
 from bench.parity import LOSS_TOLERANCE
 from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
                           REPEATS, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS,
                           TIMED_STATUSES, TOKENS_PER_S, TRAIN, TRAIN_S, Status, losses_of)
 
-DEFAULT_OUT = RESULTS_DIR / "report"
 # The spec's dataset has 26 letters plus BOS; used for parameter counts of runs that did not
 # record their own (sweep runs do).
 STANDARD_VOCAB_SIZE = 27
@@ -489,33 +496,125 @@ def _file_safe(text: str) -> str:
 
 
 # ---- command -------------------------------------------------------------------------------
+# The files `report` wrote in a folder, so that a later report there may replace them (and
+# remove the charts it no longer draws) but never a file it did not write.
+MANIFEST = ".microgpt-bench-report.json"
+CHART_PATTERNS = ("training_time*.png", "sampling_throughput*.png", "loss_curves*.png",
+                  "scaling*.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="bench.py report",
         description="Merge result files into Markdown and CSV tables and PNG charts.")
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                        help="output folder (default: results/report in the checkout)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: a new folder results/report-<time>); "
+                             "an existing folder is written only where report wrote before, "
+                             "or with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace report files (report.md, summary.csv, charts) "
+                             "that this command did not write there, and remove old charts")
     parser.add_argument("--no-charts", action="store_true", help="tables only")
     return parser
 
 
-def write_report(paths: list[Path], out: Path,
-                 charts: bool = True) -> tuple[list[Path], str | None]:
-    """Write the report; return the files written and a note when charts could not be drawn."""
-    documents = [(str(path), results.load(path)) for path in paths]
-    machines = merge_documents(documents)
-    out.mkdir(parents=True, exist_ok=True)
-    drawn, chart_note = [], None
-    if charts:
+def load_unique(paths: list[Path]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The documents of `paths`, each file once: the same file named twice (or through a
+    link, or a byte-identical copy) would count its runs twice. Returns notes on the ones
+    left out."""
+    import hashlib
+    documents, notes, seen = [], [], {}
+    for path in paths:
+        document = results.load(path)
         try:
-            drawn = draw_charts(machines, out)
-        except ChartsUnavailable as error:
-            chart_note = str(error)
-    markdown_path, csv_path = out / "report.md", out / "summary.csv"
-    write_atomically(markdown_path, markdown_text(machines, drawn))
-    write_atomically(csv_path, csv_text(csv_rows(machines)))
-    return [markdown_path, csv_path, *drawn], chart_note
+            info = path.stat()
+            identity = ("file", info.st_dev, info.st_ino)
+        except OSError:
+            identity = ("file", str(path))
+        digest = ("content", hashlib.sha256(path.read_bytes()).hexdigest())
+        earlier = seen.get(identity) or seen.get(digest)
+        if earlier is not None:
+            notes.append(f"{display(path)} is the same result file as {earlier}: counted once")
+            continue
+        seen[identity] = seen[digest] = display(path)
+        documents.append((display(path), document))
+    return documents, notes
+
+
+def _previous_files(out: Path) -> set[str]:
+    try:
+        names = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {name for name in names if isinstance(name, str) and "/" not in name
+            and name not in ("", ".", "..")} if isinstance(names, list) else set()
+
+
+def write_report(paths: list[Path], out: Path | None = None, charts: bool = True,
+                 overwrite: bool = False, notes: list[str] | None = None
+                 ) -> tuple[list[Path], str | None]:
+    """Write the report; return the files written and a note when charts could not be drawn.
+
+    Everything is drawn into a staging folder first, then moved in: a failure leaves the
+    folder as it was. A file of the same name that report did not write there (its manifest)
+    is refused without `overwrite`; charts of an earlier report that this one does not draw
+    are removed. Without `out`, a new folder results/report-<time> is made."""
+    documents, duplicate_notes = load_unique([Path(path) for path in paths])
+    if notes is not None:
+        notes.extend(duplicate_notes)
+    machines = merge_documents(documents)
+    if out is None:
+        out = new_directory(RESULTS_DIR, "report-" + datetime.datetime.now().strftime(
+            "%Y%m%d-%H%M%S"))
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputError(f"--out {display(out)} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_files(out)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        drawn, chart_note = [], None
+        if charts:
+            try:
+                drawn = draw_charts(machines, staging)
+            except ChartsUnavailable as error:
+                chart_note = str(error)
+        write_atomically(staging / "report.md", markdown_text(machines, drawn))
+        write_atomically(staging / "summary.csv", csv_text(csv_rows(machines)))
+        names = ["report.md", "summary.csv", *(chart.name for chart in drawn)]
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                raise OutputError(f"{display(target)} is a folder; choose another --out")
+            for source in paths:
+                if os.path.lexists(target) and _same(target, Path(source)):
+                    raise OutputError(f"{display(target)} is one of the input files; choose "
+                                      f"another --out")
+            if os.path.lexists(target) and name not in previous and not overwrite:
+                raise OutputError(f"{display(target)} exists and was not written by bench.py "
+                                  f"report; choose another --out (or a new folder) or pass "
+                                  f"--overwrite")
+        stale = previous - set(names)
+        if overwrite:
+            stale |= {path.name for pattern in CHART_PATTERNS for path in out.glob(pattern)
+                      if path.is_file() or path.is_symlink()} - set(names)
+        for name in names:
+            os.replace(staging / name, out / name)
+        for name in stale:
+            with contextlib.suppress(OSError):
+                (out / name).unlink()
+        write_atomically(out / MANIFEST, json.dumps(sorted(names)) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names], chart_note
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,14 +624,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     from rich.console import Console
+    notes: list[str] = []
     try:
-        written, chart_note = write_report(args.files, args.out, not args.no_charts)
+        written, chart_note = write_report(args.files, args.out, not args.no_charts,
+                                           args.overwrite, notes)
     except OSError as error:
-        raise UsageError(f"cannot write the report: {error}") from None
-    if chart_note:
-        Console(stderr=True).print(f"[yellow]note:[/yellow] {chart_note}", highlight=False)
+        raise UsageError(f"cannot write the report: {error.strerror or error}") from None
+    console = Console(stderr=True, soft_wrap=True)
+    for note in notes + ([chart_note] if chart_note else []):
+        console.print(f"note: {note}", highlight=False, markup=False)
+    out = SafeStdout()
     for path in written:
-        print(path)
+        out.write(display(path) + "\n")
     return ExitCode.OK
 
 

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from bench.command import UsageError
-from bench.files import RESULTS_DIR, write_atomically
+from bench.files import RESULTS_DIR, display, write_atomically
 from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
-                          SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, TIMED_STATUSES,
-                          TOKENS_PER_S, TRAIN_S, Status)
+                          SAMPLING_S, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, STEP_MS,
+                          TIMED_STATUSES, TOKENS_PER_S, TRAIN_S, Status)
+
+SAMPLING_S_KEY = SAMPLING_S.key
 from bench.stats import several_configs, summarize_runs, summary_notes
 
 SCHEMA_VERSION = 1
@@ -65,25 +69,218 @@ def save(document: dict, path: Path) -> None:
     write_atomically(path.with_suffix(".md"), markdown_report(document))
 
 
+MAX_RESULT_FILE_BYTES = 1 << 30
+
+
 def load(path: str | os.PathLike) -> dict:
+    """The document of a result file, checked against the schema (`validate`): every reader
+    (compare, report, abtest) gets a document whose fields have the types it reads, or a
+    ResultFileError naming the file and the field (one line, exit code 2)."""
     path = Path(path)
+    name = display(path)
     try:
-        document = json.loads(path.read_text())
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ResultFileError(f"{name}: is a directory, not a result file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ResultFileError(f"{name}: not a regular file")
+        if info.st_size > MAX_RESULT_FILE_BYTES:
+            raise ResultFileError(f"{name}: {info.st_size:,} bytes, too large for a result "
+                                  f"file (at most {MAX_RESULT_FILE_BYTES:,})")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise ResultFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ResultFileError(f"{path}: cannot read ({error})") from None
+        raise ResultFileError(f"{name}: no such file") from None
+    except OSError as error:
+        raise ResultFileError(f"{name}: cannot read ({error.strerror or error})") from None
+    try:
+        document = json.loads(raw)
+    except RecursionError:
+        raise ResultFileError(f"{name}: not a microgpt-bench result file (nested too "
+                              f"deeply)") from None
     except ValueError as error:
-        raise ResultFileError(f"{path}: not valid JSON, perhaps cut short ({error})") from None
+        raise ResultFileError(f"{name}: not valid JSON, perhaps cut short ({error})") from None
+    validate(document, name)
+    return document
+
+
+# ---- the schema ----------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, allow_nan=True, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Type checks of one document, each failure one line naming the field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, expected: str, value) -> None:
+        raise ResultFileError(f"{self.source}: {where}: expected {expected}, got "
+                              f"{_shown(value)}")
+
+    def object(self, where, value, optional=True) -> dict:
+        if value is None and optional:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(where, "an object", value)
+        return value
+
+    def list(self, where, value, optional=True) -> list:
+        if value is None and optional:
+            return []
+        if not isinstance(value, list):
+            self.fail(where, "a list", value)
+        return value
+
+    def text(self, where, value, optional=True, empty=True) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or (not empty and not value):
+            self.fail(where, "a string" if empty else "a non-empty string", value)
+
+    def boolean(self, where, value) -> None:
+        if value is not None and not isinstance(value, bool):
+            self.fail(where, "true or false", value)
+
+    def count(self, where, value) -> None:
+        if value is not None and not (_is_int(value) and value >= 0):
+            self.fail(where, "an integer >= 0", value)
+
+    def time(self, where, value) -> None:
+        """A duration or a rate: a finite number >= 0 (or null)."""
+        if value is not None and not (_is_number(value) and math.isfinite(value)
+                                      and value >= 0):
+            self.fail(where, "a finite number >= 0", value)
+
+    def number(self, where, value) -> None:
+        if value is not None and not _is_number(value):
+            self.fail(where, "a number", value)
+
+
+_TRAIN_TIMES = (*STEP_MS.values(), FIRST_STEP_MS.key, TRAIN_S.key)
+_SETUP_TIMES = ("import_s", "data_s", "init_s", COMPILE_S.key, "warmup_s")
+_STATUSES = {status.value for status in Status}
+
+
+def validate(document, source: str = "result file") -> None:
+    """Raise ResultFileError unless `document` is a result file of SCHEMA_VERSION whose every
+    field the tools read has its type: numbers where numbers are read (times finite and
+    >= 0), runs a list of objects with a backend and a known status, environment an object."""
+    check = _Checker(source)
     if not isinstance(document, dict) or document.get("suite") != "microgpt-bench":
-        raise ResultFileError(f"{path}: not a microgpt-bench result file")
+        raise ResultFileError(f"{source}: not a microgpt-bench result file")
     version = document.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ResultFileError(f"{path}: schema_version {version!r} is not supported "
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise ResultFileError(f"{source}: schema_version {version!r} is not supported "
                               f"(this suite reads version {SCHEMA_VERSION})")
     if not isinstance(document.get("runs"), list):
-        raise ResultFileError(f"{path}: has no list of runs")
-    return document
+        raise ResultFileError(f"{source}: has no list of runs")
+    check.text("created", document.get("created"))
+    for index, part in enumerate(check.list("command", document.get("command"))):
+        check.text(f"command[{index}]", part, optional=False)
+    check.boolean("complete", document.get("complete"))
+    environment = check.object("environment", document.get("environment"), optional=False)
+    for key in ("machine_fingerprint", "hostname"):
+        check.text(f"environment.{key}", environment.get(key))
+    cpu = check.object("environment.cpu", environment.get("cpu"))
+    check.text("environment.cpu.model", cpu.get("model"))
+    check.count("environment.cpu.usable_cores", cpu.get("usable_cores"))
+    for key in ("os", "python", "thread_settings"):
+        check.object(f"environment.{key}", environment.get(key))
+    check.text("environment.os.platform", (environment.get("os") or {}).get("platform"))
+    check.text("environment.python.version",
+               (environment.get("python") or {}).get("version"))
+    git = check.object("environment.git", environment.get("git"))
+    check.text("environment.git.commit", git.get("commit"))
+    for index, gpu in enumerate(check.list("environment.accelerators",
+                                           environment.get("accelerators"))):
+        check.object(f"environment.accelerators[{index}]", gpu, optional=False)
+    check.object("dataset", document.get("dataset"))
+    for index, run in enumerate(document["runs"]):
+        _validate_run(check, f"runs[{index}]", run)
+    sweep = check.object("sweep", document.get("sweep"))
+    for index, item in enumerate(check.list("sweep.skipped", sweep.get("skipped"))):
+        where = f"sweep.skipped[{index}]"
+        check.object(where, item, optional=False)
+        for key in ("backend", "dtype", "preset", "reason"):
+            check.text(f"{where}.{key}", item.get(key), optional=False)
+        for key in ("batch_size", "parameters"):
+            check.count(f"{where}.{key}", item.get(key))
+            if item.get(key) is None:
+                check.fail(f"{where}.{key}", "an integer >= 0", None)
+    for key in ("budget_s", "elapsed_s"):
+        check.time(f"sweep.{key}", sweep.get(key))
+
+
+def _validate_run(check: _Checker, where: str, run) -> None:
+    check.object(where, run, optional=False)
+    check.text(f"{where}.backend", run.get("backend"), optional=False, empty=False)
+    status = run.get("status")
+    if status not in _STATUSES:
+        check.fail(f"{where}.status", "one of " + ", ".join(sorted(_STATUSES)), status)
+    for key in ("dtype", "device", "error", "kind"):
+        check.text(f"{where}.{key}", run.get(key))
+    check.count(f"{where}.steps", run.get("steps"))
+    check.count(f"{where}.repeat", run.get("repeat"))
+    check.time(f"{where}.wall_s", run.get("wall_s"))
+    check.boolean(f"{where}.test_hook", run.get("test_hook"))
+    config = check.object(f"{where}.config", run.get("config"))
+    for key, value in config.items():
+        if not (value is None or isinstance(value, (str, int, float, bool))):
+            check.fail(f"{where}.config.{key}", "a number or a string", value)
+    setup = check.object(f"{where}.setup", run.get("setup"))
+    for key in _SETUP_TIMES:
+        check.time(f"{where}.setup.{key}", setup.get(key))
+    train = check.object(f"{where}.train", run.get("train"))
+    for index, loss in enumerate(check.list(f"{where}.train.losses", train.get("losses"))):
+        check.number(f"{where}.train.losses[{index}]", loss)
+        if loss is None:
+            check.fail(f"{where}.train.losses[{index}]", "a number", None)
+    for index, seconds in enumerate(check.list(f"{where}.train.step_seconds",
+                                               train.get("step_seconds"))):
+        check.time(f"{where}.train.step_seconds[{index}]", seconds)
+        if seconds is None:
+            check.fail(f"{where}.train.step_seconds[{index}]", "a finite number >= 0", None)
+    for index, step in enumerate(check.list(f"{where}.train.loss_steps",
+                                            train.get("loss_steps"))):
+        if not _is_int(step):
+            check.fail(f"{where}.train.loss_steps[{index}]", "an integer", step)
+    check.count(f"{where}.train.steps_completed", train.get("steps_completed"))
+    for key in _TRAIN_TIMES:
+        check.time(f"{where}.train.{key}", train.get(key))
+    infer = check.object(f"{where}.infer", run.get("infer"))
+    for index, sample in enumerate(check.list(f"{where}.infer.samples", infer.get("samples"))):
+        check.text(f"{where}.infer.samples[{index}]", sample, optional=False)
+    check.count(f"{where}.infer.tokens", infer.get("tokens"))
+    for key in (SAMPLING_S_KEY, TOKENS_PER_S.key):
+        check.time(f"{where}.infer.{key}", infer.get(key))
+    parity = check.object(f"{where}.parity", run.get("parity"))
+    check.boolean(f"{where}.parity.passed", parity.get("passed"))
+    check.number(f"{where}.parity.max_abs_diff", parity.get("max_abs_diff"))
+    versions = check.object(f"{where}.framework_versions", run.get("framework_versions"))
+    for key, value in versions.items():
+        check.text(f"{where}.framework_versions.{key}", value, optional=False)
+    for key in ("details", "process_settings"):
+        check.object(f"{where}.{key}", run.get(key))
+    for key in ("stdout_tail", "stderr_tail"):
+        for index, line in enumerate(check.list(f"{where}.{key}", run.get(key))):
+            check.text(f"{where}.{key}[{index}]", line, optional=False)
+    sweep = check.object(f"{where}.sweep", run.get("sweep"))
+    if sweep:
+        check.text(f"{where}.sweep.label", sweep.get("label"), optional=False)
+        for key in ("parameters", "batch_size"):
+            check.count(f"{where}.sweep.{key}", sweep.get(key))
+            if sweep.get(key) is None:
+                check.fail(f"{where}.sweep.{key}", "an integer >= 0", None)
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -134,7 +331,8 @@ SUMMARY_COLUMNS = (
     _speedup_column("vs slowest", SPEEDUP_VS_SLOWEST),
     _speedup_column("vs numpy", SPEEDUP_VS_NUMPY),
     Column("final loss", FINAL_LOSS, ".4f"),
-    Column("sampling tok/s", TOKENS_PER_S.key, ",.0f"),
+    Column("sampling tok/s", TOKENS_PER_S.key,
+           lambda row: f"{row[TOKENS_PER_S.key]:,.0f}" if row.get(TOKENS_PER_S.key) else "-"),
     Column("n", "n", "d"),
 )
 
@@ -181,6 +379,10 @@ def markdown_report(document: dict) -> str:
         + (" (uncommitted changes)" if (env.get("git") or {}).get("dirty") else ""),
         f"- Command: `{' '.join(document.get('command', []))}`",
         "" if document.get("complete") else "- **Incomplete**: the run was stopped early.",
+        *([f"- **Test hook**: {', '.join(sorted((document['test_hook'].get('backends') or {})))} "
+           f"registered by {document['test_hook'].get('variable')} (test backends, not "
+           f"measurements of the suite's backends)", ""]
+          if isinstance(document.get("test_hook"), dict) else []),
         "",
         markdown_table(rows),
         TABLE_FOOTNOTE,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from backends.contract import GPTConfig
+from bench.command import describe_interrupt
 from bench.files import REPO_ROOT
 from bench.parity import compare_losses
 from bench.record import LOSSES, STEPS_COMPLETED, TRAIN, Status, losses_of
@@ -72,41 +74,158 @@ class RunRequest:
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; carries the partial record of the run that was stopped."""
+    """Ctrl-C (or SIGTERM, SIGHUP) during a run; carries the partial record of the run that
+    was stopped and the interrupt (bench.command.interrupt_exit_code gives its exit code)."""
 
-    def __init__(self, record: dict):
+    def __init__(self, record: dict, interrupt: BaseException | None = None):
         super().__init__("interrupted")
-        self.record = record
+        self.record, self.interrupt = record, interrupt
 
 
 # ---- watching a process ------------------------------------------------------------------
+# A line of a supervised process longer than this is cut (the rest of it is read and dropped):
+# memory stays bounded whatever a program prints. Lines kept in a tail are cut shorter still.
+MAX_LINE_BYTES = 1 << 20
+TAIL_LINE_CHARS = 1000
+
+
 @dataclass
 class ProcessOutcome:
     """How a supervised process ended. `returncode` is None when it could not be started
-    (`launch_error` says why)."""
+    (`launch_error` says why). `interrupt` is the KeyboardInterrupt (Ctrl-C) or
+    bench.command.Terminated (SIGTERM, SIGHUP) that stopped it."""
     returncode: int | None = None
     launch_error: str | None = None
     timed_out: bool = False
     interrupted: bool = False
+    interrupt: BaseException | None = None
     wall_s: float = 0.0
     stdout_tail: list[str] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
 
 
-def _limit_memory(megabytes: int):
+# Linux: the child asks the kernel for SIGKILL when the runner dies (even by kill -9). Resolved
+# here, in the parent, so that the child only makes one call between fork and exec.
+try:
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux, or no libc
+    _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(memory_limit_mb: int | None, parent_pid: int):
+    """Runs in the child between fork and exec: the parent-death signal, and the memory
+    limit."""
+    limit = memory_limit_mb * 2 ** 20 if memory_limit_mb else None
+
     def apply():
-        import resource
-        limit = megabytes * 2 ** 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent_pid:  # the runner died before the call: die with it
+                os.kill(os.getpid(), signal.SIGKILL)
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return apply
+
+
+# The reaper: one small process per runner, in a session of its own, that reads the process
+# groups the runner starts from a pipe only the runner holds. When the runner ends in any way
+# (kill -9 included), the pipe reaches end-of-file and the reaper kills every group still
+# registered: the workers, the --external programs and anything they started in their group.
+_REAPER_SOURCE = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    sign, group = line[:1], line[1:].strip()
+    if group.isdigit():
+        (groups.add if sign == "+" else groups.discard)(int(group))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class _Reaper:
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.owner = None
+        self.lock = threading.Lock()
+
+    def _send(self, line: str) -> None:
+        with self.lock:
+            if self.process is None or self.owner != os.getpid() or self.process.poll() is not None:
+                try:
+                    self.process = subprocess.Popen(
+                        [sys.executable, "-S", "-I", "-c", _REAPER_SOURCE],
+                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                    self.owner = os.getpid()
+                except OSError:
+                    self.process = None
+                    return  # the parent-death signal still covers the direct child
+            try:
+                self.process.stdin.write(line.encode())
+                self.process.stdin.flush()
+            except (OSError, ValueError):
+                self.process = None
+
+    def watch(self, group: int) -> None:
+        self._send(f"+{group}\n")
+
+    def forget(self, group: int) -> None:
+        self._send(f"-{group}\n")
+
+
+REAPER = _Reaper()
+
+
+def _read_lines(stream, handle, limit: int = MAX_LINE_BYTES) -> None:
+    """Call `handle(text)` for every line of a binary stream until end-of-file. Lines end at
+    \n, \r or \r\n (programs that redraw a line print \r); a line longer than `limit` bytes
+    is cut there and its rest dropped, so memory stays bounded."""
+    pending, dropping = b"", False
+    while True:
+        chunk = stream.read(65536)  # unbuffered: what is there, up to 64 KiB
+        if not chunk:
+            break
+        pending += chunk
+        parts = re.split(rb"\r\n|\r(?!$)|\n", pending)
+        pending = parts.pop()
+        for part in parts:
+            if not dropping:
+                handle(part.decode("utf-8", "replace"))
+            dropping = False
+        if len(pending) > limit:
+            if not dropping:
+                handle(pending[:limit].decode("utf-8", "replace") + " [line cut]")
+            pending, dropping = b"", True
+    if pending.rstrip(b"\r") and not dropping:
+        handle(pending.rstrip(b"\r").decode("utf-8", "replace"))
+
+
+def _kept(line: str) -> str:
+    line = line.rstrip()
+    return line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS] + " [cut]"
 
 
 def supervise(argv: list[str], *, timeout_s: float, memory_limit_mb: int | None = None,
               env: dict | None = None, cwd=None, on_stdout_line=None) -> ProcessOutcome:
-    """Run `argv` in its own process group, feed each stdout line to `on_stdout_line` (lines
-    it returns True for are consumed, the others are kept in the tail), kill the group after
-    `timeout_s` or on Ctrl-C, and never leave it running. Ctrl-C is reported as
-    `interrupted`, not raised."""
+    """Run `argv` in a process group of its own and never leave anything of it running.
+
+    Each stdout line goes to `on_stdout_line` (lines it returns True for are consumed, the
+    others kept in the tail); the tails keep the last TAIL_LINES lines, each cut to
+    TAIL_LINE_CHARS. The process is waited for, not its output: when it exits, the whole
+    group is killed at once (so a background child holding its stdout cannot hold the run
+    up), then the output already written is read to its end. After `timeout_s`, on Ctrl-C or
+    SIGTERM (reported as `interrupted`, not raised), or on any error here, the group is
+    killed too. If the runner itself dies, even by kill -9, the child's parent-death signal
+    (Linux) and the reaper process kill the group."""
     on_stdout_line = on_stdout_line or (lambda line: False)
     outcome = ProcessOutcome()
     stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -115,49 +234,63 @@ def supervise(argv: list[str], *, timeout_s: float, memory_limit_mb: int | None 
     try:
         process = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, errors="replace",  # text: \r ends a line too
+            stderr=subprocess.PIPE, bufsize=0,
             start_new_session=True,  # its own process group: Ctrl-C reaches only the runner
-            preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None)
-    except OSError as error:
-        outcome.launch_error = f"cannot start {argv[0]!r}: {error.strerror or error}"
+            preexec_fn=_child_setup(memory_limit_mb, os.getpid()))
+    except (OSError, ValueError, subprocess.SubprocessError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        if isinstance(error, PermissionError):
+            reason = "not executable (permission denied)"
+        outcome.launch_error = f"cannot start {argv[0]!r}: {reason}"
         return outcome
-    timed_out = threading.Event()
+    group = process.pid
+    REAPER.watch(group)
 
     def kill_group():
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def on_timeout():
-        timed_out.set()
-        kill_group()
+    def on_stdout(text: str) -> None:
+        try:
+            consumed = on_stdout_line(text)
+        except Exception:  # a line the callback cannot take (a malformed event): output
+            consumed = False
+        if not consumed:
+            stdout_tail.append(_kept(text))
 
-    def drain_stderr():
-        for line in process.stderr:
-            stderr_tail.append(line.rstrip())
-
-    watchdog = threading.Timer(timeout_s, on_timeout)
-    stderr_reader = threading.Thread(target=drain_stderr, daemon=True)
+    readers = [threading.Thread(target=_read_lines, args=(process.stdout, on_stdout),
+                                daemon=True),
+               threading.Thread(target=_read_lines,
+                                args=(process.stderr, lambda text: stderr_tail.append(
+                                    _kept(text))), daemon=True)]
+    deadline = started + timeout_s
     try:
-        watchdog.start()
-        stderr_reader.start()
-        for line in process.stdout:
-            if not on_stdout_line(line):
-                stdout_tail.append(line.rstrip())
-        process.wait()
-    except KeyboardInterrupt:
-        outcome.interrupted = True
+        for reader in readers:
+            reader.start()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                outcome.timed_out = True
+                break
+            try:
+                process.wait(timeout=min(remaining, 0.5))
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP (bench.command)
+        outcome.interrupted, outcome.interrupt = True, interrupt
     finally:
-        # Whatever happened here (Ctrl-C, a bug in a callback), neither the process nor
+        # Whatever happened here (an interrupt, a bug in a callback), neither the process nor
         # anything it left running in its group outlives this call.
-        watchdog.cancel()
         kill_group()
         process.wait()
-    stderr_reader.join(timeout=5)
-    outcome.returncode = process.returncode
-    outcome.timed_out = timed_out.is_set()
+        REAPER.forget(group)
     outcome.wall_s = time.monotonic() - started
+    for reader in readers:  # every writer is dead: the output ends where it was
+        reader.join(timeout=5)
+    outcome.returncode = process.returncode
     outcome.stdout_tail, outcome.stderr_tail = list(stdout_tail), list(stderr_tail)
     return outcome
 
@@ -260,14 +393,17 @@ def run_backend(request: RunRequest, reference: list[float] | None, on_event=Non
             try:
                 with open(result_path) as handle:
                     worker_record = json.load(handle)
-            except ValueError:
+            except (ValueError, OSError):
                 pass  # written atomically, so this cannot happen; treated as no result
+            if not isinstance(worker_record, dict):
+                worker_record = None
 
     where = f"worker during {progress['phase']}" + (
         f" after {len(losses_so_far)} steps" if losses_so_far else "")
     if outcome.interrupted:
         record = _partial_record(request, Status.INTERRUPTED,
-                                 f"interrupted by the user (Ctrl-C), {where}", losses_so_far,
+                                 f"interrupted by {describe_interrupt(outcome.interrupt)}, "
+                                 f"{where}", losses_so_far,
                                  outcome)
     elif worker_record is not None:
         record = worker_record
@@ -289,7 +425,7 @@ def run_backend(request: RunRequest, reference: list[float] | None, on_event=Non
     record["wall_s"] = outcome.wall_s
     record = _with_parity(record, reference)
     if outcome.interrupted:
-        raise Interrupted(record)
+        raise Interrupted(record, outcome.interrupt)
     return record
 
 

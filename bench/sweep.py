@@ -16,6 +16,8 @@ and <same name>-scaling.png (ms per step against parameters, one panel per batch
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import random
 import sys
 import time
@@ -26,8 +28,11 @@ from backends import backend_info
 from backends.contract import PRESETS, GPTConfig, build_spec, preset
 from bench import results
 from bench.environment import collect_environment
-from bench.parity import reference_losses
-from bench.command import ArgumentParser, ExitCode, UsageError, run_guarded
+from bench.reference import ReferenceFailed, bounded_reference
+from bench.cli import MAX_REPEAT, MAX_STEPS, MAX_TIMEOUT_S, claim_result
+from bench.command import (ArgumentParser, ExitCode, UsageError, describe_interrupt,
+                           install_termination_handlers, interrupt_exit_code, print_error,
+                           run_guarded)
 from bench.files import RESULTS_DIR
 from bench.record import MEDIAN_MS, SAMPLING_S, TRAIN_S, Status
 from bench.runner import Interrupted, RunRequest, run_backend
@@ -269,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     argv = sys.argv[1:] if argv is None else argv
+    install_termination_handlers()
     return run_guarded(lambda: _main(build_parser().parse_args(argv), argv,
                                      Console(stderr=True)))
 
@@ -284,10 +290,18 @@ def _main(args, argv: list[str], console) -> int:
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}")
-    if not args.budget > 0:
+    if not (math.isfinite(args.budget) and args.budget > 0):
         raise UsageError("--budget must be > 0 seconds")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise UsageError(f"{args.json} exists; choose another --json path or pass --overwrite")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        raise UsageError(f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} s (7 days), "
+                         f"got {args.timeout}")
+    if args.steps > MAX_STEPS or args.warmup > MAX_STEPS or args.repeat > MAX_REPEAT:
+        raise UsageError(f"--steps and --warmup must be at most {MAX_STEPS:,}, --repeat at "
+                         f"most {MAX_REPEAT:,}")
+    if args.json is not None and os.path.abspath(args.json) == os.path.abspath(
+            args.json.with_suffix(".md")):
+        raise UsageError(f"--json {args.json}: the Markdown table is written beside it under "
+                         f"the same name; give the result file a .json name")
     backends = list(dict.fromkeys(args.backend)) or default_backends()
     if not backends:
         raise UsageError("no backend can run here; see `python bench.py --list`")
@@ -298,7 +312,8 @@ def _main(args, argv: list[str], console) -> int:
     settings = SweepSettings(
         pairs=plan_runs(backends, args.dtype), points=points, budget_s=args.budget,
         warmup_steps=args.warmup, num_samples=args.samples, repeat=args.repeat,
-        timeout_s=args.timeout, dataset_path=args.dataset, custom_dataset=args.custom_dataset,
+        timeout_s=args.timeout, dataset_path=os.path.abspath(dataset.path),
+        custom_dataset=args.custom_dataset,
         seed=args.seed)
 
     environment = collect_environment()
@@ -308,11 +323,13 @@ def _main(args, argv: list[str], console) -> int:
                          "steps": args.steps, "budget_s": args.budget, "repeat": args.repeat,
                          "backends": [f"{backend} {dtype}" for backend, dtype in settings.pairs],
                          "skipped": []}
-    path = args.json or results.default_result_path(environment, SWEEP_DIR)
+    # Claimed before anything runs, as bench.py's result file (bench.files.claim).
+    path, _ = claim_result(args, document, SWEEP_DIR, inputs=[dataset.path])
 
     def reference_for(point: SweepPoint) -> list[float]:
         spec = build_spec(dataset.docs, point.config)
-        return reference_losses(spec, point.config.num_steps, dataset.sha256)
+        return bounded_reference(spec, point.config.num_steps, dataset,
+                                 timeout_s=args.timeout)
 
     console.print(f"Sweep: {', '.join(document['sweep']['backends'])}; presets "
                   f"{', '.join(presets)}; batch sizes {args.batch_sizes}; {args.steps} steps; "
@@ -320,11 +337,17 @@ def _main(args, argv: list[str], console) -> int:
     try:
         run_sweep(settings, document, lambda doc: results.save(doc, path), reference_for,
                   log=lambda line: console.print(line, highlight=False))
-    except Interrupted as interrupt:
-        document["runs"].append(interrupt.record)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        interrupt = stop.interrupt if isinstance(stop, Interrupted) else stop
+        if isinstance(stop, Interrupted):
+            document["runs"].append(stop.record)
         results.save(document, path)
-        console.print(f"[yellow]Interrupted.[/yellow] Finished runs are in {path}")
-        return ExitCode.INTERRUPTED
+        console.print(f"[yellow]Interrupted[/yellow] by {describe_interrupt(interrupt)}. "
+                      f"Finished runs are in {path}", highlight=False)
+        return interrupt_exit_code(interrupt)
+    except ReferenceFailed as error:
+        print_error(f"{error}; the result file keeps the runs measured before it")
+        return ExitCode.FAILED
     outputs = [path, path.with_suffix(".md")]
     if not args.no_chart:
         from bench import report

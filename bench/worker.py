@@ -197,8 +197,9 @@ def run(request: dict, record: dict) -> dict:
     record[INFER] = {
         "samples": sampling.samples, "tokens": sampling.tokens,
         SAMPLING_S.key: sampling.total_seconds,
+        # No samples drawn (--samples 0): no throughput, not "0 tok/s".
         TOKENS_PER_S.key: (sampling.tokens / sampling.total_seconds
-                           if sampling.total_seconds else None),
+                           if sampling.tokens and sampling.total_seconds else None),
     }
     record["details"] = backend.details()
     record["dataset"] = dataset.describe()

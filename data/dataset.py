@@ -7,8 +7,10 @@ cache. A file whose checksum is wrong is refused unless the caller asks for a cu
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -60,13 +62,49 @@ def load_dataset(path: str | os.PathLike | None = None, allow_custom: bool = Fal
     path = path or os.environ.get(DATASET_ENV_VAR) or None
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise DatasetError(f"dataset file {path} does not exist; {_HOW_TO_POINT}")
-        return _verified(path.read_bytes(), path, allow_custom)
+        return _verified(_read(path), path, allow_custom)
     if not cache_path.is_file():
-        _download(url, cache_path)
-    return _verified(cache_path.read_bytes(), cache_path, allow_custom,
-                     cached=True)
+        raw = _download(url, cache_path)
+        if raw is not None:  # the cache folder could not be written: used as downloaded
+            return _verified(raw, cache_path, allow_custom, cached=True)
+    return _verified(_read(cache_path), cache_path, allow_custom, cached=True)
+
+
+# names.txt is 228 kB; a custom dataset may be larger, but not without bound.
+MAX_DATASET_BYTES = 256 * 2 ** 20
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a dataset file, or a DatasetError saying what the path is instead: missing,
+    a directory, a symbolic-link loop, a device or pipe (which could block or never end),
+    unreadable, or too large."""
+    shown = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                       "backslashreplace")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        kind = "is a dangling symbolic link" if path.is_symlink() else "does not exist"
+        raise DatasetError(f"dataset file {shown} {kind}; {_HOW_TO_POINT}") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DatasetError(f"dataset file {shown} is a symbolic-link loop; "
+                               f"{_HOW_TO_POINT}") from None
+        raise DatasetError(f"dataset file {shown} cannot be read ({error.strerror or error}); "
+                           f"{_HOW_TO_POINT}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DatasetError(f"dataset {shown} is a directory, not a file; give the path of "
+                           f"names.txt")
+    if not stat.S_ISREG(info.st_mode):
+        raise DatasetError(f"dataset {shown} is not a regular file (a device, pipe or socket); "
+                           f"give the path of names.txt")
+    if info.st_size > MAX_DATASET_BYTES:
+        raise DatasetError(f"dataset {shown} is {info.st_size:,} bytes, more than the "
+                           f"{MAX_DATASET_BYTES:,} a names dataset can be")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"dataset file {shown} cannot be read ({error.strerror or error})"
+                           ) from None
 
 
 def _verified(raw: bytes, path: Path, allow_custom: bool, cached: bool = False) -> Dataset:
@@ -89,7 +127,9 @@ def _verified(raw: bytes, path: Path, allow_custom: bool, cached: bool = False) 
     return Dataset(docs=docs, path=str(path), sha256=digest, standard=standard)
 
 
-def _download(url: str, cache_path: Path) -> None:
+def _download(url: str, cache_path: Path) -> bytes | None:
+    """Download and cache the dataset; returns the bytes only when they could not be
+    cached."""
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             raw = response.read()
@@ -102,4 +142,8 @@ def _download(url: str, cache_path: Path) -> None:
         raise DatasetError(
             f"downloaded {url} but its sha256 is {digest[:16]}..., not the spec's "
             f"{DATASET_SHA256[:16]}...; nothing was cached. Try again, or {_HOW_TO_POINT}")
-    write_atomically(cache_path, raw)
+    try:
+        write_atomically(cache_path, raw)
+    except OSError:  # a read-only checkout: use it without caching it
+        return raw
+    return None

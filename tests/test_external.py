@@ -264,8 +264,11 @@ def test_parser_reads_the_original_format():
     assert parsed.totals == {1000} and sorted(parsed.steps) == [1, 1000]
     assert parsed.steps[1].half_unit == pytest.approx(5e-5)
     assert parsed.samples == {1: "kamon", 20: ""}
-    parsed.feed("step 3 / 10 | loss 2.5e+00")
-    assert parsed.steps[3].loss == 2.5 and parsed.steps[3].half_unit == pytest.approx(0.05)
+    parsed.feed("step 3 / 10 | loss 2.5000e+00")
+    assert parsed.steps[3].loss == 2.5 and parsed.steps[3].half_unit == pytest.approx(5e-5)
+    # Too few digits to check the loss against a tolerance taken from them: not believed.
+    parsed.feed("step 4 / 10 | loss 2.5e+00")
+    assert 4 not in parsed.steps and "too few digits" in parsed.problems[0]
 
 
 def test_judge_tolerance_is_print_rounding_plus_float32_slack():
