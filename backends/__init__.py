@@ -22,47 +22,93 @@ def _install_hint(extra: str) -> str:
     return f'python -m pip install ".[{extra}]" -c constraints.txt'
 
 
+TORCH, MLX, JAX, MAX, MOJO = (_install_hint(extra) for extra in ("torch", "mlx", "jax", "max",
+                                                                   "mojo"))
+MLX += "  (Linux: installs mlx[cpu]; mlx[cuda] for NVIDIA GPUs)"
+
 REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
+    # ---- idiomatic: each framework as its own documentation teaches it ----------------------
     BackendInfo("python", "backends.python_tape:PythonTapeBackend",
                 "pure Python scalar autograd tape (structure of arrays)",
                 dtypes=("float64",), default_dtype="float64", in_default_run=False),
     BackendInfo("numpy", "backends.numpy_backend:NumpyBackend",
-                "numpy, vectorised forward and hand-derived backward, flat Adam buffer",
+                "numpy, vectorised forward and hand-derived backward (numpy has no autograd), "
+                "flat Adam buffer",
                 requires=("numpy",), batches=True),
-    BackendInfo("torch", "backends.torch_backend:TorchBackend",
-                "PyTorch eager: hand-written backward pass (no autograd), flat parameter "
-                "buffer, fused Adam kernel",
-                requires=("torch",), install_hint=_install_hint("torch"), batches=True),
-    BackendInfo("torch-compile", "backends.torch_backend:TorchCompileBackend",
-                "PyTorch torch.compile (Inductor): forward, backward and Adam in one graph, "
-                "inputs padded to block_size so that the graph compiles once",
-                requires=("torch",), install_hint=_install_hint("torch"), batches=True,
-                needs_cxx_compiler=True),
-    BackendInfo("mlx", "backends.mlx_backend:MLXBackend",
-                "MLX, whole step under mx.compile, hand-written backward, one weight buffer, "
-                "padded fixed shapes",
-                requires=("mlx",), batches=True,
-                install_hint=_install_hint("mlx") + "  (Linux: installs mlx[cpu]; mlx[cuda] "
-                                                    "for NVIDIA GPUs)"),
-    BackendInfo("jax", "backends.jax_backend:JaxBackend",
-                "JAX, whole step under jax.jit (value_and_grad + Adam), donated flat buffers",
-                requires=("jax",), install_hint=_install_hint("jax"), batches=True),
+    BackendInfo("torch", "backends.torch_idiomatic:TorchModuleBackend",
+                "PyTorch eager: nn.Module, loss.backward(), torch.optim.Adam with the spec's "
+                "per-step learning rate",
+                requires=("torch",), install_hint=TORCH, batches=True),
+    BackendInfo("torch-compile", "backends.torch_idiomatic:TorchCompiledModuleBackend",
+                "the torch row's model under torch.compile, and its optimizer step compiled as "
+                "PyTorch's compiled-optimizer recipe shows, called through Dynamo",
+                requires=("torch",), install_hint=TORCH, batches=True, needs_cxx_compiler=True),
+    BackendInfo("mlx", "backends.mlx_idiomatic:MLXModuleBackend",
+                "mlx.nn.Module, nn.value_and_grad, mlx.optimizers.Adam with bias correction and "
+                "the spec's schedule, mx.eval each step",
+                requires=("mlx",), install_hint=MLX, batches=True),
+    BackendInfo("mlx-compile", "backends.mlx_idiomatic:MLXCompiledModuleBackend",
+                "the mlx row's step under mx.compile with the model and optimizer state as its "
+                "inputs and outputs",
+                requires=("mlx",), install_hint=MLX, batches=True),
+    BackendInfo("jax", "backends.jax_idiomatic:JaxOptaxBackend",
+                "JAX: parameters as a pytree, jax.value_and_grad, optax.adam with a linear "
+                "schedule, the step under jax.jit",
+                requires=("jax", "optax"), install_hint=JAX, batches=True),
     BackendInfo("max", "backends.max_backend:MaxBackend",
-                "Modular MAX graphs: forward, hand-derived backward and Adam in one graph",
-                requires=("max",), install_hint=_install_hint("max"), dtypes=("float32",),
-                batches=True),
-    BackendInfo("max-loop", "backends.max_backend:MaxLoopBackend",
-                "Modular MAX graphs: K training steps per call in a graph while loop",
-                requires=("max",), install_hint=_install_hint("max"), dtypes=("float32",),
-                batches=True),
-    BackendInfo("mojo", "backends.mojo_backend:MojoBackend",
-                "Mojo, forward + hand-derived backward + Adam on contiguous buffers (SIMD), "
-                "a Python extension module",
-                requires=("mojo",), install_hint=_install_hint("mojo"), batches=True),
+                "Modular MAX graphs: forward, hand-derived backward (MAX graphs have no autograd) "
+                "and Adam in one graph, called through the public Model.execute",
+                requires=("max",), install_hint=MAX, dtypes=("float32",), batches=True),
     BackendInfo("mojo-tape", "backends.mojo_backend:MojoTapeBackend",
                 "Mojo, the python backend's scalar autograd tape compiled (structure of "
                 "arrays, reverse walk)",
-                requires=("mojo",), install_hint=_install_hint("mojo"), default_dtype="float64"),
+                requires=("mojo",), install_hint=MOJO, default_dtype="float64"),
+    # ---- tuned: anything that keeps parity, every trick declared -----------------------------
+    BackendInfo("torch-tuned", "backends.torch_tuned:TorchTunedBackend",
+                "PyTorch eager, hand-written forward and backward on views of one flat buffer",
+                division="tuned", tunings=(
+                    "hand-derived backward (no autograd)",
+                    "private torch._fused_adam_ and torch._softmax_backward_data",
+                    "one-hot embedding selector built on the host",
+                    "one intra-op thread"),
+                requires=("torch",), install_hint=TORCH, batches=True),
+    BackendInfo("torch-compile-tuned", "backends.torch_tuned:TorchCompileTunedBackend",
+                "forward, torch.func gradients and Adam as one torch.compile graph",
+                division="tuned", tunings=(
+                    "whole step (forward, torch.func gradients, Adam) in one graph",
+                    "compiled graph called directly, Dynamo's guards skipped after the first call",
+                    "inputs padded to block_size: one graph for every length",
+                    "one intra-op thread"),
+                requires=("torch",), install_hint=TORCH, batches=True, needs_cxx_compiler=True),
+    BackendInfo("mlx-tuned", "backends.mlx_tuned:MLXTunedBackend",
+                "MLX, the whole step under mx.compile with a hand-written backward",
+                division="tuned", tunings=(
+                    "hand-derived backward",
+                    "one weight buffer; all heads' attention as batched matmuls",
+                    "Adam written out inside the compiled step",
+                    "benchmark worker's threads pinned to one core"),
+                requires=("mlx",), install_hint=MLX, batches=True),
+    BackendInfo("jax-tuned", "backends.jax_tuned:JaxTunedBackend",
+                "JAX, forward, value_and_grad and Adam in one jax.jit over donated flat buffers",
+                division="tuned", tunings=(
+                    "hand-written Adam inside the jitted step",
+                    "parameters and moments as three flat donated buffers",
+                    "a step's inputs packed into one array",
+                    "synchronous CPU dispatch"),
+                requires=("jax",), install_hint=JAX, batches=True),
+    BackendInfo("max-loop", "backends.max_backend:MaxLoopBackend",
+                "the max graph inside a MAX while loop",
+                division="tuned", tunings=(
+                    "up to 50 steps per graph call (per-step figures are call averages)",
+                    "private Model._execute_device_tensors entry point"),
+                requires=("max",), install_hint=MAX, dtypes=("float32",), batches=True),
+    BackendInfo("mojo", "backends.mojo_backend:MojoBackend",
+                "native Mojo on contiguous buffers, a Python extension module",
+                division="tuned", tunings=(
+                    "hand-derived backward and Adam in native code",
+                    "SIMD kernels on contiguous buffers",
+                    "one Python-to-Mojo call per step"),
+                requires=("mojo",), install_hint=MOJO, batches=True),
 ]}
 
 

@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
 import tempfile
 import time
 import timeit
@@ -117,34 +116,15 @@ def _shorten(message: str) -> str:
     return "\n".join([first_error.strip(), *lines])
 
 
-def _compiler_problem() -> str | None:
-    """Why the mojo package's compiler cannot run, when that is known without running it."""
-    try:
-        # The lookup that mojo.run.subprocess_run_mojo uses; private, so any surprise here only
-        # skips the check (the build then reports what is wrong).
-        from mojo.run import _mojo_env
-        environment = _mojo_env()
-    except ImportError:
-        return None
-    except Exception as error:  # the package cannot find its own SDK files
-        return f"the mojo package is installed but its compiler cannot be located: {error}"
-    compiler = environment.get("MODULAR_MOJO_MAX_DRIVER_PATH") or shutil.which("mojo")
-    if not compiler or not os.path.exists(compiler):
-        return "the mojo package is installed but its `mojo` compiler executable is missing"
-    return None
-
-
 def build_problem(name: str, source_dir: Path = SOURCE_DIR) -> str | None:
     """Why extension `name` cannot be built here, as far as can be told cheaply (nothing is
-    compiled): a missing compiler, or a failed build of this exact source and compiler."""
+    compiled): a missing source, or a failed build of this exact source and compiler (a
+    missing compiler shows when the build runs)."""
     source, library, error_note = _paths(name, source_dir)
     if library.is_file():
         return None
     if not source.is_file():
         return f"the Mojo source {source} is missing"
-    problem = _compiler_problem()
-    if problem:
-        return problem
     if error_note.is_file():
         return (f"the Mojo compiler failed to build {source.name} (delete {error_note} to "
                 f"retry): {_shorten(error_note.read_text())}")

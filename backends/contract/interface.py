@@ -29,13 +29,23 @@ class Availability:
     install_hint: str = ""
 
 
+DIVISIONS = ("idiomatic", "tuned")
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """What the registry knows of a backend without importing it: enough to list it, say
-    whether it can run here and plan its runs."""
+    whether it can run here and plan its runs.
+
+    `division` says which question its row answers (README, "Divisions"): `idiomatic`, the code
+    a competent user writes from the framework's own documentation (its autograd, optimizer
+    and modules where it has them, public API only, default threads and process settings), or
+    `tuned`, anything that keeps parity, with every trick listed in `tunings`."""
     name: str
     target: str  # "module:Class"
     summary: str
+    division: str = "idiomatic"
+    tunings: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()  # Python packages it imports (their versions are recorded)
     install_hint: str = ""
     dtypes: tuple[str, ...] = DTYPES
@@ -43,6 +53,13 @@ class BackendInfo:
     batches: bool = False  # supports batch_size > 1
     in_default_run: bool = True  # the slow reference backends are left out of a plain run
     needs_cxx_compiler: bool = False  # builds native code at run time (torch.compile)
+
+    def __post_init__(self):
+        if self.division not in DIVISIONS:
+            raise ValueError(f"backend {self.name}: division must be one of {DIVISIONS}")
+        if (self.division == "tuned") != bool(self.tunings):
+            raise ValueError(f"backend {self.name}: a tuned backend lists its tunings, an "
+                             "idiomatic one has none")
 
     def check_request(self, config: GPTConfig, dtype: str) -> None:
         """Raise BackendUnavailable for a dtype or batch size this backend does not support."""

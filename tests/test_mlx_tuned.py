@@ -17,7 +17,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from backends import mlx_backend  # noqa: E402  (after the skip)
+from backends import mlx_tuned  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable  # noqa: E402
 from tests.helpers import make_backend  # noqa: E402
 
@@ -26,7 +26,7 @@ from tests.helpers import make_backend  # noqa: E402
 def test_backward_matches_mlx_autodiff(spec_name, request):
     """The hand-written backward against mx.value_and_grad of the same forward pass."""
     spec = request.getfixturevalue(spec_name)
-    backend = make_backend("mlx", spec, "float64", "cpu")
+    backend = make_backend("mlx-tuned", spec, "float64", "cpu")
     tokens, lengths = backend._token_inputs(spec.step_batch(2))
     weights = backend.state[0]
     loss, grad = backend._forward_backward(weights, tokens, lengths)
@@ -39,7 +39,7 @@ def test_backward_matches_mlx_autodiff(spec_name, request):
 def test_float64_softmax_is_accurate_to_float64():
     """MLX's CPU exp is a float32 polynomial even for float64 inputs; the float64 path must not
     use it (it would put the losses ~1e-7 away from the reference)."""
-    ops = mlx_backend.PreciseExpOps()
+    ops = mlx_tuned.PreciseExpOps()
     values = np.random.default_rng(0).normal(scale=4.0, size=(8, 27))
     expected = np.exp(values - values.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
@@ -50,9 +50,9 @@ def test_float64_softmax_is_accurate_to_float64():
 
 
 def test_default_device_and_details(tiny_spec, pool):
-    backend = make_backend("mlx", tiny_spec, "float32")  # MLX's own choice of device
+    backend = make_backend("mlx-tuned", tiny_spec, "float32")  # MLX's own choice of device
     assert backend.device == ("gpu" if mx.is_available(mx.gpu) else "cpu")
-    details = pool.get("mlx", "float64", tiny_spec).details()
+    details = pool.get("mlx-tuned", "float64", tiny_spec).details()
     assert details["device"] == "cpu" and details["backward"] == "hand-written"
 
 
@@ -61,13 +61,13 @@ def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
     if mx.is_available(mx.gpu):
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="no GPU"):
-        make_backend("mlx", tiny_spec, "float32", device)
+        make_backend("mlx-tuned", tiny_spec, "float32", device)
 
 
 def test_the_gpu_has_no_float64(tiny_spec, monkeypatch):
-    monkeypatch.setattr(mlx_backend, "_gpu_available", lambda: True)
+    monkeypatch.setattr(mlx_tuned, "_gpu_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
-        make_backend("mlx", tiny_spec, "float64", "gpu")
+        make_backend("mlx-tuned", tiny_spec, "float64", "gpu")
 
 
 # ---- the benchmark worker's process settings --------------------------------------------------
@@ -78,7 +78,7 @@ def run_in_worker(tmp_path, **environment):
     """One short mlx run through bench.py (a worker process of its own); its result."""
     path = tmp_path / f"mlx-{len(list(tmp_path.glob('*.json')))}.json"
     completed = subprocess.run(
-        [sys.executable, "bench.py", "--backend", "mlx", "--device", "cpu", "--steps", "20",
+        [sys.executable, "bench.py", "--backend", "mlx-tuned", "--device", "cpu", "--steps", "20",
          "--samples", "1", "--warmup", "1", "--json", str(path), "--quiet"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, **environment})
@@ -92,5 +92,5 @@ def run_in_worker(tmp_path, **environment):
 def test_worker_pins_its_threads_to_one_core(tmp_path):
     run = run_in_worker(tmp_path)
     assert len(run["process_settings"]["cpu_affinity"]) == 1  # read back from every thread
-    unpinned = run_in_worker(tmp_path, **{mlx_backend.PIN_ENV_VAR: "0"})
+    unpinned = run_in_worker(tmp_path, **{mlx_tuned.PIN_ENV_VAR: "0"})
     assert "left to the OS" in unpinned["process_settings"]["cpu_affinity"]

@@ -53,7 +53,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op th
 
 
 class StepInputs(NamedTuple):
-    """One eager step's inputs (TorchBackend._stage); N = B * T columns, one per position."""
+    """One eager step's inputs (TorchTunedBackend._stage); N = B * T columns, one per position."""
     selector: "torch.Tensor"  # [V + block, N] one-hot: the token's row and row V + position
     targets: "torch.Tensor"  # [V, N] -1 / count at each real position's target token
     weights: "torch.Tensor"  # [1, N] 1 / count at real positions, 0 on padding
@@ -135,8 +135,8 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-class TorchBackend(Backend):
-    name = "torch"
+class TorchTunedBackend(Backend):
+    name = "torch-tuned"
     provides_gradients = True
     # Intra-op threads on the CPU (also used by torch-compile's generated code): the tensors
     # are far too small for parallel-for to pay for its synchronisation, and a second thread
@@ -566,7 +566,7 @@ class CompiledStep:
     compiled graph; after the first call, `direct` calls that graph without Dynamo. Skipping the
     guards is sound here: the graph's inputs never change shape, dtype or device (tokens are
     always padded to [B, block + 1], the state buffers are fixed), its constants come from a
-    frozen config, and TorchCompileBackend.train_step checks the batch shape itself.
+    frozen config, and TorchCompileTunedBackend.train_step checks the batch shape itself.
     """
 
     def __init__(self, train_step, device: str):
@@ -618,8 +618,8 @@ class CompiledStep:
 _COMPILED_STEPS: dict = {}  # (config, vocab size, dtype, device) -> CompiledStep
 
 
-class TorchCompileBackend(TorchBackend):
-    name = "torch-compile"
+class TorchCompileTunedBackend(TorchTunedBackend):
+    name = "torch-compile-tuned"
     # Its gradients are the compiled graph's own, not exposed apart (the inherited eager
     # loss_and_gradients would test the torch row's code, not this one's).
     provides_gradients = False

@@ -9,7 +9,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from backends import jax_backend  # noqa: E402  (after the skip)
+from backends import jax_tuned  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable, adam_step  # noqa: E402
 from tests.helpers import make_backend  # noqa: E402
 
@@ -19,19 +19,19 @@ def test_float32_step_has_no_float64_in_it(pool, tiny_spec):
     be float32 throughout, with no f64 constant or convert anywhere."""
     assert jax.config.jax_enable_x64
     batch, adam = tiny_spec.step_batch(0), adam_step(tiny_spec.config, 0)
-    backend = pool.get("jax", "float32", tiny_spec)
+    backend = pool.get("jax-tuned", "float32", tiny_spec)
     text = backend.lowered_train_step_text(batch, adam)
     assert "f32" in text and "f64" not in text
     sampling = backend._sample_step.lower(backend.flat, backend.cache_keys, backend.cache_values,
                                           np.array([0, 0], dtype=np.int32)).as_text()
     assert "f32" in sampling and "f64" not in sampling
     # and the float64 step is float64
-    assert "f64" in pool.get("jax", "float64", tiny_spec).lowered_train_step_text(batch, adam)
+    assert "f64" in pool.get("jax-tuned", "float64", tiny_spec).lowered_train_step_text(batch, adam)
 
 
 def test_default_device_and_details(pool, tiny_spec):
-    backend = pool.get("jax", "float32", tiny_spec)
-    expected = "gpu" if jax_backend._jax_devices("gpu") else "cpu"
+    backend = pool.get("jax-tuned", "float32", tiny_spec)
+    expected = "gpu" if jax_tuned._jax_devices("gpu") else "cpu"
     assert backend.device == expected
     details = backend.details()
     assert details["x64_enabled"] is True and details["device"] == expected
@@ -40,13 +40,13 @@ def test_default_device_and_details(pool, tiny_spec):
 
 @pytest.mark.parametrize("device", ["gpu", "cuda"])
 def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
-    if jax_backend._jax_devices("gpu"):
+    if jax_tuned._jax_devices("gpu"):
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="gpu"):
-        make_backend("jax", tiny_spec, "float32", device)
+        make_backend("jax-tuned", tiny_spec, "float32", device)
 
 
 def test_explicit_cpu(tiny_spec):
-    backend = make_backend("jax", tiny_spec, "float64", "cpu")
+    backend = make_backend("jax-tuned", tiny_spec, "float64", "cpu")
     assert backend.device == "cpu" and backend.flat.dtype == np.float64
     assert backend.jax_device.platform == "cpu"

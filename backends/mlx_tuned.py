@@ -108,8 +108,8 @@ def rmsnorm_backward(x, sum_sq, dy):
     return scale * dy - (scale * scale * scale) * x * mean_dy_x
 
 
-class MLXBackend(Backend):
-    name = "mlx"
+class MLXTunedBackend(Backend):
+    name = "mlx-tuned"
     provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
@@ -156,7 +156,7 @@ class MLXBackend(Backend):
         if requested is None:  # MLX's own choice: its GPU (Metal or CUDA) when it has one
             return "gpu" if _gpu_available() else "cpu"
         if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend mlx has no device {requested!r}; "
+            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
                                      f"choose cpu or gpu")
         device = DEVICE_ALIASES[requested]
         if device == "gpu" and not _gpu_available():

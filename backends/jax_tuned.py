@@ -61,8 +61,8 @@ def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
 
 
-class JaxBackend(Backend):
-    name = "jax"
+class JaxTunedBackend(Backend):
+    name = "jax-tuned"
     provides_gradients = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
@@ -103,7 +103,7 @@ class JaxBackend(Backend):
         if requested is None:  # JAX's own default: its GPU when jaxlib has one
             return "gpu" if _jax_devices("gpu") else "cpu"
         if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend jax has no device {requested!r}; "
+            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
                                      f"choose cpu or gpu")
         device = DEVICE_ALIASES[requested]
         if not _jax_devices(device):

@@ -12,12 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import backends  # noqa: E402  (after the skip)
-from backends import availability, torch_backend  # noqa: E402
+from backends import availability, torch_tuned  # noqa: E402
 from backends.contract import BackendUnavailable, TokenBatch, adam_step  # noqa: E402
 from tests.helpers import every_length, make_backend  # noqa: E402
 
-needs_compiler = pytest.mark.skipif(not availability("torch-compile").available,
-                                    reason=availability("torch-compile").reason)
+needs_compiler = pytest.mark.skipif(not availability("torch-compile-tuned").available,
+                                    reason=availability("torch-compile-tuned").reason)
 DTYPES = ["float32", "float64"]
 
 
@@ -27,7 +27,7 @@ def test_step_inputs_of_padded_rows(batched_spec):
     spec = batched_spec
     batch = next(batch for batch in map(spec.step_batch, range(50))
                  if len(set(batch.lengths.tolist())) > 1)  # rows of different lengths
-    backend = make_backend("torch", spec, "float64")
+    backend = make_backend("torch-tuned", spec, "float64")
     inputs = backend._stage(batch)
     B, T, V = len(batch.lengths), int(batch.lengths.max()), spec.tokenizer.vocab_size
     assert inputs.batch_rows == B and inputs.selector.shape == (V + spec.config.block_size, B * T)
@@ -50,7 +50,7 @@ def test_step_inputs_of_padded_rows(batched_spec):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam_is_the_specs_update(dtype, tiny_spec):
     """torch's fused Adam kernel, called with the step count s + 1, is the spec's update."""
-    backend = make_backend("torch", tiny_spec, dtype)
+    backend = make_backend("torch-tuned", tiny_spec, dtype)
     generator = torch.Generator().manual_seed(0)
     size = backend.flat.numel()
     random = lambda: torch.randn(size, generator=generator, dtype=torch.float64)  # noqa: E731
@@ -77,7 +77,7 @@ def test_adam_is_the_specs_update(dtype, tiny_spec):
 @needs_compiler
 def test_varying_lengths_do_not_recompile(pool, tiny_spec):
     from torch._dynamo.utils import counters
-    backend = pool.get("torch-compile", "float32", tiny_spec)
+    backend = pool.get("torch-compile-tuned", "float32", tiny_spec)
     assert backend.graphs_compiled <= 1  # in prepare (0 when the code was already compiled)
     graphs_before = counters["stats"]["unique_graphs"]
     # Through Dynamo (the path on CUDA and MPS): one graph serves every length; a recompile
@@ -99,7 +99,7 @@ def test_varying_lengths_do_not_recompile(pool, tiny_spec):
 
 @needs_compiler
 def test_the_compiled_step_refuses_other_shapes(pool, tiny_spec):
-    backend = pool.get("torch-compile", "float32", tiny_spec)
+    backend = pool.get("torch-compile-tuned", "float32", tiny_spec)
     block, bos = tiny_spec.config.block_size, tiny_spec.tokenizer.bos
     two_rows = TokenBatch.from_sequences([[bos, 1, bos]] * 2, block, bos)  # B = 2, compiled for 1
     with pytest.raises(ValueError, match="compiled for"):
@@ -107,52 +107,52 @@ def test_the_compiled_step_refuses_other_shapes(pool, tiny_spec):
 
 
 def test_default_device_is_the_best_available(tiny_spec):
-    backend = make_backend("torch", tiny_spec, "float32")
+    backend = make_backend("torch-tuned", tiny_spec, "float32")
     expected = ("cuda" if torch.cuda.is_available()
-                else "mps" if torch_backend._mps_available() else "cpu")
+                else "mps" if torch_tuned._mps_available() else "cpu")
     assert backend.device == expected
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "gpu"])
 def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
-    if torch.cuda.is_available() or torch_backend._mps_available():
+    if torch.cuda.is_available() or torch_tuned._mps_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="not available"):
-        make_backend("torch", tiny_spec, "float32", device)
+        make_backend("torch-tuned", tiny_spec, "float32", device)
 
 
 def test_asking_for_missing_mps_is_unavailable(tiny_spec):
-    if torch_backend._mps_available():
+    if torch_tuned._mps_available():
         pytest.skip("this machine has MPS")
     with pytest.raises(BackendUnavailable, match="mps"):
-        make_backend("torch-compile", tiny_spec, "float32", "mps")
+        make_backend("torch-compile-tuned", tiny_spec, "float32", "mps")
 
 
 def test_a_cuda_index_beyond_the_devices_is_unavailable(tiny_spec):
     with pytest.raises(BackendUnavailable, match="not available"):
-        make_backend("torch", tiny_spec, "float32", f"cuda:{torch.cuda.device_count() + 3}")
+        make_backend("torch-tuned", tiny_spec, "float32", f"cuda:{torch.cuda.device_count() + 3}")
 
 
 def test_mps_has_no_float64(tiny_spec, monkeypatch):
-    monkeypatch.setattr(torch_backend, "_mps_available", lambda: True)
+    monkeypatch.setattr(torch_tuned, "_mps_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
-        make_backend("torch", tiny_spec, "float64", "mps")
+        make_backend("torch-tuned", tiny_spec, "float64", "mps")
 
 
 def test_torch_compile_without_a_cpp_compiler_is_unavailable(monkeypatch):
     monkeypatch.setattr(backends.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
-    found = availability("torch-compile")
+    found = availability("torch-compile-tuned")
     assert not found.available and "C++ compiler" in found.reason
-    assert availability("torch").available  # eager torch needs none
+    assert availability("torch-tuned").available  # eager torch needs none
 
 
 @needs_compiler
 def test_explicit_cpu_and_details(tiny_spec):
-    backend = make_backend("torch-compile", tiny_spec, "float64", "cpu")
+    backend = make_backend("torch-compile-tuned", tiny_spec, "float64", "cpu")
     assert backend.device == "cpu" and backend.flat.dtype == torch.float64
     details = backend.details()
     assert details["threads"] == torch.get_num_threads()
     if details["threads_from"].startswith("backend default"):
-        assert details["threads"] == torch_backend.TorchBackend.cpu_threads
+        assert details["threads"] == torch_tuned.TorchTunedBackend.cpu_threads
     assert details["compile"]["fullgraph"] is True
