@@ -66,7 +66,7 @@ REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
     # ---- tuned: anything that keeps parity, every trick declared -----------------------------
     BackendInfo("torch-tuned", "backends.torch_tuned:TorchTunedBackend",
                 "PyTorch eager, hand-written forward and backward on views of one flat buffer",
-                division="tuned", tunings=(
+                division="tuned", baseline="torch", tunings=(
                     "hand-derived backward (no autograd)",
                     "private torch._fused_adam_ and torch._softmax_backward_data",
                     "one-hot embedding selector built on the host",
@@ -74,7 +74,7 @@ REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
                 requires=("torch",), install_hint=TORCH, batches=True),
     BackendInfo("torch-compile-tuned", "backends.torch_tuned:TorchCompileTunedBackend",
                 "forward, torch.func gradients and Adam as one torch.compile graph",
-                division="tuned", tunings=(
+                division="tuned", baseline="torch-compile", tunings=(
                     "whole step (forward, torch.func gradients, Adam) in one graph",
                     "compiled graph called directly, Dynamo's guards skipped after the first call",
                     "inputs padded to block_size: one graph for every length",
@@ -82,7 +82,7 @@ REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
                 requires=("torch",), install_hint=TORCH, batches=True, needs_cxx_compiler=True),
     BackendInfo("mlx-tuned", "backends.mlx_tuned:MLXTunedBackend",
                 "MLX, the whole step under mx.compile with a hand-written backward",
-                division="tuned", tunings=(
+                division="tuned", baseline="mlx-compile", tunings=(
                     "hand-derived backward",
                     "one weight buffer; all heads' attention as batched matmuls",
                     "Adam written out inside the compiled step",
@@ -90,7 +90,7 @@ REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
                 requires=("mlx",), install_hint=MLX, batches=True),
     BackendInfo("jax-tuned", "backends.jax_tuned:JaxTunedBackend",
                 "JAX, forward, value_and_grad and Adam in one jax.jit over donated flat buffers",
-                division="tuned", tunings=(
+                division="tuned", baseline="jax", tunings=(
                     "hand-written Adam inside the jitted step",
                     "parameters and moments as three flat donated buffers",
                     "a step's inputs packed into one array",
@@ -98,13 +98,13 @@ REGISTRY: dict[str, BackendInfo] = {info.name: info for info in [
                 requires=("jax",), install_hint=JAX, batches=True),
     BackendInfo("max-loop", "backends.max_backend:MaxLoopBackend",
                 "the max graph inside a MAX while loop",
-                division="tuned", tunings=(
+                division="tuned", baseline="max", tunings=(
                     "up to 50 steps per graph call (per-step figures are call averages)",
                     "private Model._execute_device_tensors entry point"),
                 requires=("max",), install_hint=MAX, dtypes=("float32",), batches=True),
     BackendInfo("mojo", "backends.mojo_backend:MojoBackend",
                 "native Mojo on contiguous buffers, a Python extension module",
-                division="tuned", tunings=(
+                division="tuned", baseline="mojo-tape", tunings=(
                     "hand-derived backward and Adam in native code",
                     "SIMD kernels on contiguous buffers",
                     "one Python-to-Mojo call per step"),
@@ -201,5 +201,5 @@ def create_backend(name: str, config: GPTConfig, vocab_size: int, dtype: str,
 
 
 __all__ = ["EXTRA_BACKENDS_ENV_VAR", "REGISTRY", "Availability", "Backend", "BackendInfo",
-           "BackendUnavailable", "UnknownBackend", "availability", "backend_class", "backend_info", "create_backend",
-           "framework_versions", "register_extra_backends"]
+           "BackendUnavailable", "UnknownBackend", "availability", "backend_class", "backend_info",
+           "create_backend", "framework_versions", "register_extra_backends"]

@@ -35,6 +35,7 @@ from bench.command import (TERMINATION_SIGNALS, ArgumentParser, ExitCode, Termin
                            stdout_console)
 from bench.environment import collect_environment
 from bench.files import RESULTS_DIR, OutputError, claim, display
+from bench.limits import harness_floor_ms, machine_peak
 from bench.external import parse_external_option, run_external
 from bench.planning import plan_runs, select_backends
 from bench.record import MEDIAN_MS, TIMED_STATUSES, TOKENS_PER_S, Status, losses_of
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--custom-dataset", action="store_true",
                         help="accept a dataset whose checksum is not the spec's (the result "
                              "is marked non-standard)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads for every backend of the run alike (sets "
+                             "OMP/MKL/OpenBLAS thread variables, and XLA's single-thread flag "
+                             "for N = 1, in every worker); default: each framework's own")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the order of backends between rounds (not the model)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
@@ -156,13 +161,16 @@ def register_test_hook() -> dict[str, str]:
 
 def list_backends() -> int:
     table = Table(title="microgpt-bench backends")
-    for column in ("backend", "available", "dtypes", "in default run", "why not / install"):
+    for column in ("backend", "division", "available", "dtypes", "in default run",
+                   "how it is written / tunings", "why not / install"):
         table.add_column(column)
     for name, info in REGISTRY.items():
         status = availability(name)
         why = "" if status.available else f"{status.reason}. {status.install_hint}".strip()
-        table.add_row(name, "yes" if status.available else "no", ", ".join(info.dtypes),
-                      "yes" if info.in_default_run else "no (--backend or --all)", why)
+        written = info.summary + "".join(f"\n- {tuning}" for tuning in info.tunings)
+        table.add_row(name, info.division, "yes" if status.available else "no",
+                      ", ".join(info.dtypes),
+                      "yes" if info.in_default_run else "no (--backend or --all)", written, why)
     _stdout_console().print(table)
     return ExitCode.OK
 
@@ -181,11 +189,27 @@ def _bounded(name: str, value, low, high, unit: str = "") -> None:
         raise UsageError(f"{name} must be between {low:,} and {high:,}{unit}, got {value}")
 
 
+def threads_environment(threads: int | None) -> dict[str, str]:
+    """The variables that set every framework's intra-op threads alike (--threads); MLX's CPU
+    backend has no such setting."""
+    if threads is None:
+        return {}
+    variables = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                 "OPENBLAS_NUM_THREADS",
+                                                 "VECLIB_MAXIMUM_THREADS")}
+    if threads == 1:
+        variables["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                        "--xla_cpu_multi_thread_eigen=false"]))
+    return variables
+
+
 def check_arguments(args) -> None:
     """Every option checked before anything runs (exit 2)."""
     if args.all and args.backend:
         raise UsageError("--all runs every backend; it cannot be combined with --backend "
                          "(name the backends you want, or use --all alone)")
+    if args.threads is not None:
+        _bounded("--threads", args.threads, 1, 1024)
     if args.repeat < 1:
         raise UsageError("--repeat must be >= 1")
     _bounded("--repeat", args.repeat, 1, MAX_REPEAT)
@@ -308,6 +332,9 @@ def run_command(args, argv: list[str]) -> int:
         document["test_hook"] = {"variable": EXTRA_BACKENDS_ENV_VAR,
                                  "backends": dict(TEST_HOOK_BACKENDS)}
     path, taken = claim_result(args, document, inputs=[dataset.path])
+    thread_environment = threads_environment(args.threads)
+    if args.threads is not None:
+        document["threads"] = {"requested": args.threads, "environment": thread_environment}
 
     try:
         console.print(f"Reference: numpy float64, {config.num_steps} steps ...", highlight=False)
@@ -331,6 +358,9 @@ def run_command(args, argv: list[str]) -> int:
         return bounded_reference(other, steps, dataset, timeout_s=args.timeout,
                                  memory_limit_mb=args.memory_limit)
 
+    # What the suite itself can resolve on this machine (bench.limits): outside every run.
+    environment["harness_floor_ms"] = harness_floor_ms(spec)
+    environment["peak"] = machine_peak(environment["machine_fingerprint"])
     saved = [0]  # runs in the last complete save
 
     def save(final: bool = False) -> None:
@@ -361,7 +391,8 @@ def run_command(args, argv: list[str]) -> int:
                             steps=config.num_steps, device=args.device,
                             warmup_steps=args.warmup, num_samples=args.samples,
                             dataset_path=dataset_path, custom_dataset=args.custom_dataset,
-                            timeout_s=args.timeout, memory_limit_mb=args.memory_limit)
+                            timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
+                            extra_env=thread_environment)
                         label = f"{backend} {dtype}{suffix}"
                         record = _run_with_progress(
                             lambda on_event: run_backend(request, reference, on_event),
@@ -472,6 +503,7 @@ def _tokens_per_s(row: dict) -> str:
 # Markdown table beside the result file and the JSON hold every figure).
 TERMINAL_COLUMNS = (
     results.Column("backend", "backend", numeric=False),
+    results.Column("division", "division", numeric=False),
     results.Column("device", "device", numeric=False),
     results.Column("dtype", "dtype", numeric=False),
     results.CONFIG_COLUMN,
@@ -485,13 +517,16 @@ TERMINAL_COLUMNS = (
 
 def terminal_columns(rows: list[dict]) -> list:
     """Device and config only where rows differ in them (an external program's device is
-    "external", which its dtype "unknown" already tells)."""
+    "external", which its dtype "unknown" already tells); the division where rows have one
+    (files from before divisions do not)."""
     several_devices = len({row.get("device") for row in rows
                            if row.get("device") != "external"}) > 1
     several_labels = len({row.get("config") for row in rows}) > 1
+    divisions = any(row.get("division") for row in rows)
     return [column for column in TERMINAL_COLUMNS
             if (column is not results.CONFIG_COLUMN or several_labels)
-            and (column.field != "device" or several_devices)]
+            and (column.field != "device" or several_devices)
+            and (column.field != "division" or divisions)]
 
 
 def print_summary(document: dict, console: Console | None = None) -> None:
@@ -500,7 +535,8 @@ def print_summary(document: dict, console: Console | None = None) -> None:
     from rich import box
     from rich.measure import Measurement
     console = console or _stdout_console()
-    rows = summarize_runs(document["runs"])
+    environment = document.get("environment") or {}
+    rows = summarize_runs(document["runs"], (environment.get("peak") or {}).get("gflops"))
     columns = terminal_columns(rows)
     title = "microgpt-bench: median ms per training step, sampling tokens/s"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -523,6 +559,14 @@ def print_summary(document: dict, console: Console | None = None) -> None:
             console.print(f"  {row['backend']} ({where}): {row['status']}; " + "; ".join(
                 f"{column.title} {column.cell(row)}" for column in columns
                 if column.field not in named), highlight=False, markup=False, soft_wrap=True)
+    for pair in results.tuning_rows(rows):
+        idiomatic, tuned = pair["idiomatic"], pair["tuned"]
+        console.print(f"  tuning: {tuned['backend']} is {results.ratio_text(pair['speedup'])} "
+                      f"than {idiomatic['backend']} ({idiomatic['dtype']}): "
+                      f"{'; '.join(tuned.get('tunings') or [])}", highlight=False,
+                      markup=False, soft_wrap=True)
+    for line in results.limits_lines(environment):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
     for note in summary_notes(rows):
         console.print(f"  [yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
     # The reason of every run that did not pass, one line each, under the table.

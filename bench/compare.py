@@ -106,7 +106,8 @@ def _match_key(run: dict) -> tuple:
     total, not the time per step)."""
     config = {key: value for key, value in (run.get("config") or {}).items()
               if key != "num_steps"}
-    return (run["backend"], run.get("dtype"), run.get("device"), stats.config_key(config))
+    return (run["backend"], run.get("dtype"), run.get("device"), stats.config_key(config),
+            run.get("implementation"))
 
 
 def _ok_groups(document: dict) -> dict[tuple, list[dict]]:
@@ -214,6 +215,13 @@ def compare_configuration(base_runs: list[dict], new_runs: list[dict], max_slowd
         base_spread=_spread(base_values), new_spread=_spread(new_values), notes=notes)
 
 
+def _implementation(runs: list[dict]) -> str:
+    run = runs[0]
+    if not run.get("implementation"):
+        return "an implementation it did not record (a result file from before divisions)"
+    return f"{run['implementation']} ({run.get('division', '?')} division)"
+
+
 def _spread(values: list[float]) -> float | None:
     if len(values) < stats.MIN_RUNS_FOR_SPREAD:
         return None
@@ -229,16 +237,25 @@ def compare_documents(base: dict, new: dict, max_slowdown: float = DEFAULT_MAX_S
     base_groups, new_groups = _ok_groups(base), _ok_groups(new)
     rows = [compare_configuration(base_groups[key], new_groups[key], max_slowdown, alpha,
                                   statistic) for key in base_groups if key in new_groups]
-    if not rows:
-        raise CompareError(f"{base_name} and {new_name} have no successful backend "
-                           f"configuration in common (backend, dtype, device and model config "
-                           f"must match)")
     for key in base_groups:
         if key not in new_groups:
-            notes.append(f"only in {base_name}: {key[0]} {key[1]} (not compared)")
+            moved = next((other for other in new_groups if other[:4] == key[:4]), None)
+            if moved is not None:  # the same name, another implementation
+                notes.append(
+                    f"{key[0]} {key[1]}: not compared: {base_name} ran "
+                    f"{_implementation(base_groups[key])}, {new_name} ran "
+                    f"{_implementation(new_groups[moved])}; a name that changed implementation "
+                    f"(or division) is a different row")
+            else:
+                notes.append(f"only in {base_name}: {key[0]} {key[1]} (not compared)")
     for key in new_groups:
-        if key not in base_groups:
+        if key not in base_groups and not any(other[:4] == key[:4] for other in base_groups):
             notes.append(f"only in {new_name}: {key[0]} {key[1]} (not compared)")
+    if not rows:
+        moved = [note for note in notes if "not compared:" in note]
+        raise CompareError(f"{base_name} and {new_name} have no successful backend "
+                           f"configuration in common (backend, dtype, device, model config and "
+                           f"implementation must match)" + "".join(f"; {note}" for note in moved))
     geometric_mean = math.exp(statistics.fmean(math.log(row.ratio) for row in rows))
     warnings = []
     for row in rows:

@@ -57,8 +57,8 @@ class Figure:
     key: str
 
     def of(self, run: dict):
-        """The value in this run, or None."""
-        return (run.get(self.section) or {}).get(self.key)
+        """The value in this run, or None (section "" is the record itself)."""
+        return (run.get(self.section) or {} if self.section else run).get(self.key)
 
 
 MEDIAN_MS = Figure(TRAIN, STEP_MS["median"])
@@ -70,9 +70,18 @@ TRAIN_S = Figure(TRAIN, "total_s")  # every timed step, the first included
 COMPILE_S = Figure(SETUP, "compile_s")
 TOKENS_PER_S = Figure(INFER, "tokens_per_s")
 SAMPLING_S = Figure(INFER, "total_s")
+FLOPS_PER_STEP = Figure(TRAIN, "flops_per_step")  # the spec's work, real lengths, mean
+# Process start to exit of the worker, as `time` would measure a program: interpreter start,
+# imports, data, compile, the suite's warm-up steps, training, sampling, teardown.
+END_TO_END_S = Figure("", "wall_s")
+# The phases of a run (seconds), for the chart of where the time goes.
+IMPORT_S, DATA_S, INIT_S, WARMUP_S = (Figure(SETUP, key) for key in (
+    "import_s", "data_s", "init_s", "warmup_s"))
 
 # The figures a summary row shows, each the median over the row's timed runs.
-ROW_FIGURES = (MEDIAN_MS, STEP_IQR_MS, FIRST_STEP_MS, TRAIN_S, COMPILE_S, TOKENS_PER_S)
+ROW_FIGURES = (MEDIAN_MS, STEP_IQR_MS, FIRST_STEP_MS, TRAIN_S, COMPILE_S, TOKENS_PER_S,
+               FLOPS_PER_STEP, END_TO_END_S, IMPORT_S, DATA_S, INIT_S, WARMUP_S)
+SAMPLING_ROW_KEY = "sampling_s"  # SAMPLING_S in a summary row (its key is TRAIN_S's too)
 # The figures a summary row describes over repeats (bench.stats.describe), in row["repeats"]
 # under these names.
 REPEATS = {MEDIAN_MS: "ms_per_step", TRAIN_S: "total_s", TOKENS_PER_S: "tokens_per_s"}
@@ -81,6 +90,9 @@ REPEATS = {MEDIAN_MS: "ms_per_step", TRAIN_S: "total_s", TOKENS_PER_S: "tokens_p
 CI_LOW, CI_HIGH = "ms_per_step_ci_low", "ms_per_step_ci_high"  # over repeats
 SPEEDUP_VS_SLOWEST, SPEEDUP_VS_NUMPY = "speedup_vs_slowest", "speedup_vs_numpy"
 FINAL_LOSS = "final_loss"
+GFLOPS = "gflops"  # achieved: FLOPS_PER_STEP over the median step time
+PERCENT_OF_PEAK = "percent_of_peak"  # GFLOPS against the machine's measured peak
+DIVISION, TUNINGS = "division", "tunings"  # from the run records (registry at run time)
 
 
 def losses_of(run: dict) -> list[float]:

@@ -37,9 +37,11 @@ from bench import results, stats
 from bench.command import ArgumentParser, ExitCode, SafeStdout, UsageError, run_guarded
 from bench.files import RESULTS_DIR, OutputError, display, new_directory, write_atomically
 from bench.parity import LOSS_TOLERANCE
-from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
-                          REPEATS, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS,
-                          TIMED_STATUSES, TOKENS_PER_S, TRAIN, TRAIN_S, Status, losses_of)
+from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, DATA_S, END_TO_END_S, FINAL_LOSS,
+                          FIRST_STEP_MS, IMPORT_S, INIT_S, MEDIAN_MS, REPEATS,
+                          SAMPLING_ROW_KEY,
+                          SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, TIMED_STATUSES,
+                          TOKENS_PER_S, TRAIN, TRAIN_S, WARMUP_S, Status, losses_of)
 
 # The spec's dataset has 26 letters plus BOS; used for parameter counts of runs that did not
 # record their own (sweep runs do).
@@ -144,7 +146,8 @@ def markdown_text(machines: list[Machine], charts: list[Path]) -> str:
         versions = {}
         for run in machine.runs:
             versions.update(run.get("framework_versions") or {})
-        rows = stats.summarize_runs(machine.runs)
+        peak = (machine.environment.get("peak") or {}).get("gflops")
+        rows = stats.summarize_runs(machine.runs, peak)
         parts += [f"## {machine.title}", "",
                   f"- Fingerprint `{machine.fingerprint}`, Python "
                   f"{(machine.environment.get('python') or {}).get('version', '?')}; frameworks: "
@@ -152,6 +155,9 @@ def markdown_text(machines: list[Machine], charts: list[Path]) -> str:
                      or "none"),
                   f"- Files: {', '.join(f'`{name}`' for name in machine.files)}", "",
                   results.markdown_table(rows)]
+        parts += [line + "\n" for line in results.limits_lines(machine.environment)]
+        if results.tuning_markdown(rows):
+            parts += [results.tuning_markdown(rows).replace("## ", "### ", 1)]
         notes = stats.summary_notes(rows)
         if notes:
             parts += ["Warnings:", ""] + [f"- {note}" for note in notes] + [""]
@@ -284,6 +290,55 @@ def chart_training_time(machines: list[Machine], path: Path) -> Path | None:
                       bbox_to_anchor=(0.5, 1.0), fontsize=8)
     figure.suptitle("Training (error bars: 95% CI over repeats, where a backend has 2 or "
                     "more)", fontsize=9, color="dimgrey")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot.close(figure)
+    return path
+
+
+# Where a run's time goes, in the order it is spent (seconds): what the worker measured of each
+# phase, and the rest of the process's life (interpreter start, the suite's own imports,
+# teardown) as "start-up and exit".
+PHASES = ("start-up and exit", "framework import", "data and init", "compile", "warm-up",
+          "first step", "steady training", "sampling")
+
+
+def phase_seconds(row: dict) -> dict[str, float]:
+    """The phases of a summary row (medians over its runs), in seconds; they add up to its
+    end-to-end time."""
+    value = {figure: row.get(figure.key) or 0.0 for figure in
+             (IMPORT_S, DATA_S, INIT_S, COMPILE_S, WARMUP_S, FIRST_STEP_MS, TRAIN_S)}
+    first = value[FIRST_STEP_MS] / 1e3
+    phases = {"framework import": value[IMPORT_S], "data and init": value[DATA_S] + value[INIT_S],
+              "compile": value[COMPILE_S], "warm-up": value[WARMUP_S], "first step": first,
+              "steady training": max(value[TRAIN_S] - first, 0.0),
+              "sampling": row.get(SAMPLING_ROW_KEY) or 0.0}
+    measured = sum(phases.values())
+    return {"start-up and exit": max((row.get(END_TO_END_S.key) or measured) - measured, 0.0),
+            **phases}
+
+
+def chart_phases(machines: list[Machine], path: Path) -> Path | None:
+    """One stacked bar per row of each machine: where its end-to-end time goes."""
+    pyplot = _pyplot()
+    rows = [(machine, row) for machine in machines
+            for row in stats.summarize_runs(machine.runs) if row.get(END_TO_END_S.key)]
+    if not rows:
+        return None
+    rows.sort(key=lambda item: item[1][END_TO_END_S.key])
+    all_rows = [row for _, row in rows]
+    labels = [_row_label(row, all_rows) + (f" ({machine.name})" if len(machines) > 1 else "")
+              for machine, row in rows]
+    figure, axis = pyplot.subplots(figsize=(11, 1.2 + 0.42 * len(rows)), constrained_layout=True)
+    left = [0.0] * len(rows)
+    colours = pyplot.get_cmap("tab10")
+    for index, phase in enumerate(PHASES):
+        widths = [phase_seconds(row)[phase] for _, row in rows]
+        axis.barh(labels, widths, left=left, color=colours(index), label=phase)
+        left = [start + width for start, width in zip(left, widths)]
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds, process start to exit (medians over repeats)")
+    axis.set_title("Where the time goes: end-to-end, by phase")
+    axis.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     figure.savefig(path, dpi=110, bbox_inches="tight")
     pyplot.close(figure)
     return path
@@ -469,6 +524,7 @@ def _short_count(count: int) -> str:
 
 def draw_charts(machines: list[Machine], out: Path) -> list[Path]:
     charts = [chart_training_time(machines, out / "training_time.png"),
+              chart_phases(machines, out / "phases.png"),
               chart_sampling(machines, out / "sampling_throughput.png")]
     for machine in machines:
         suffix = f"-{machine.name}" if len(machines) > 1 else ""

@@ -1,10 +1,12 @@
 """Result files: a versioned JSON document (environment + runs) written atomically after every
 run, a Markdown table beside it, and a loader that refuses files it does not understand.
 
-Schema (SCHEMA_VERSION 1):
-  {"schema_version": 1, "suite": "microgpt-bench", "created": ISO time, "command": [...],
+Schema (SCHEMA_VERSION 2; version 1 files are read and migrated, see `migrate`):
+  {"schema_version": 2, "suite": "microgpt-bench", "created": ISO time, "command": [...],
    "environment": {...bench.environment...}, "complete": bool,
-   "runs": [run records (bench.record), each with "repeat" and, in a sweep, "sweep":
+   "threads"?: {"requested", "environment"} (--threads),
+   "runs": [run records (bench.record), each with "repeat", "division", "implementation"
+            ("module:Class") and "tunings", and, in a sweep, "sweep":
             {"preset", "batch_size", "label", "parameters", ...}],
    "sweep"?: {"presets", "batch_sizes", "steps", "budget_s", "skipped": [...], ...}}
 The "sweep" keys appear only in files written by `bench.py sweep` (bench.sweep).
@@ -25,14 +27,25 @@ from typing import Callable
 
 from bench.command import UsageError
 from bench.files import RESULTS_DIR, display, write_atomically
-from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS,
-                          SAMPLING_S, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, STEP_MS,
-                          TIMED_STATUSES, TOKENS_PER_S, TRAIN_S, Status)
+from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, DIVISION, END_TO_END_S, FINAL_LOSS,
+                          FIRST_STEP_MS, GFLOPS, MEDIAN_MS, PERCENT_OF_PEAK, SAMPLING_S,
+                          SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, STEP_MS,
+                          TIMED_STATUSES, TOKENS_PER_S, TRAIN_S, TUNINGS, Status)
 
 SAMPLING_S_KEY = SAMPLING_S.key
 from bench.stats import several_configs, summarize_runs, summary_notes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# What each backend name ran before version 2 (before the divisions): four names then meant
+# today's tuned implementations. Version 1 runs get these, so that no tool pairs them with
+# today's idiomatic rows of the same name.
+LEGACY_IMPLEMENTATIONS = {
+    "torch": "backends.torch_tuned:TorchTunedBackend",
+    "torch-compile": "backends.torch_tuned:TorchCompileTunedBackend",
+    "mlx": "backends.mlx_tuned:MLXTunedBackend",
+    "jax": "backends.jax_tuned:JaxTunedBackend",
+}
 
 
 class ResultFileError(UsageError):
@@ -100,6 +113,27 @@ def load(path: str | os.PathLike) -> dict:
     except ValueError as error:
         raise ResultFileError(f"{name}: not valid JSON, perhaps cut short ({error})") from None
     validate(document, name)
+    return migrate(document)
+
+
+def migrate(document: dict) -> dict:
+    """A version 1 document as version 2: each backend run gets the implementation its name
+    ran then (LEGACY_IMPLEMENTATIONS, else today's registry entry of the name) and its
+    division, marked `"implementation_inferred": true`."""
+    if document["schema_version"] != 1:
+        return document
+    from backends import REGISTRY
+    for run in document["runs"]:
+        if run.get("kind") == "external" or run.get("implementation"):
+            continue
+        name = run.get("backend")
+        if name in LEGACY_IMPLEMENTATIONS:
+            run.update(implementation=LEGACY_IMPLEMENTATIONS[name], division="tuned")
+        elif name in REGISTRY:
+            info = REGISTRY[name]
+            run.update(implementation=info.target, division=info.division)
+        run["implementation_inferred"] = True
+    document["schema_version"] = SCHEMA_VERSION
     return document
 
 
@@ -179,9 +213,10 @@ def validate(document, source: str = "result file") -> None:
     if not isinstance(document, dict) or document.get("suite") != "microgpt-bench":
         raise ResultFileError(f"{source}: not a microgpt-bench result file")
     version = document.get("schema_version")
-    if not _is_int(version) or version != SCHEMA_VERSION:
+    if not _is_int(version) or version not in READABLE_VERSIONS:
         raise ResultFileError(f"{source}: schema_version {version!r} is not supported "
-                              f"(this suite reads version {SCHEMA_VERSION})")
+                              f"(this suite reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))})")
     if not isinstance(document.get("runs"), list):
         raise ResultFileError(f"{source}: has no list of runs")
     check.text("created", document.get("created"))
@@ -321,13 +356,17 @@ def _speedup_column(title: str, field: str) -> Column:
 
 CONFIG_COLUMN = _text("config")
 SUMMARY_COLUMNS = (
-    _text("backend"), _text("device"), _text("dtype"), CONFIG_COLUMN, _text("status"),
+    _text("backend"), _text(DIVISION), _text("device"), _text("dtype"), CONFIG_COLUMN,
+    _text("status"),
     Column("ms/step (median)", MEDIAN_MS.key, ".4f"),
     Column("95% CI", CI_LOW, _ci),
     Column("step IQR", STEP_IQR_MS.key, ".4f"),
     Column("first step ms", FIRST_STEP_MS.key, ".3f"),
     Column("total s", TRAIN_S.key, ".3f"),
     Column("compile s", COMPILE_S.key, ".2f"),
+    Column("end-to-end s", END_TO_END_S.key, ".2f"),
+    Column("GFLOP/s", GFLOPS, ".3f"),
+    Column("% of peak", PERCENT_OF_PEAK, ".2f"),
     _speedup_column("vs slowest", SPEEDUP_VS_SLOWEST),
     _speedup_column("vs numpy", SPEEDUP_VS_NUMPY),
     Column("final loss", FINAL_LOSS, ".4f"),
@@ -358,7 +397,65 @@ TABLE_FOOTNOTE = (
     "mean (n >= 2). \"step IQR\" is the spread of step times inside one run: each step "
     "trains on names of other lengths, so part of it is the workload, not noise. "
     "\"vs slowest\"/\"vs numpy\" divide medians measured in this file, within one model "
-    "config. Only rows with status ok passed the parity check against the float64 reference.")
+    "config. Only rows with status ok passed the parity check against the float64 reference. "
+    "\"end-to-end s\" is the worker process from start to exit, as `time` measures a program "
+    "(imports, data, compile, the suite's warm-up steps, training, sampling). \"GFLOP/s\" is "
+    "the spec's arithmetic per step (real lengths, no padding) over the median step time; "
+    "\"% of peak\" sets it against this machine's measured single-core float32 peak.")
+
+
+def limits_lines(environment: dict) -> list[str]:
+    """What the suite can resolve here (bench.limits), for under the tables."""
+    lines = []
+    floor = environment.get("harness_floor_ms")
+    if isinstance(floor, (int, float)):
+        lines.append(f"Harness floor: the timed loop around a backend that does nothing costs "
+                     f"{floor * 1e3:.2f} us per step here; differences below it are not "
+                     f"resolved.")
+    peak = environment.get("peak") or {}
+    if isinstance(peak.get("gflops"), (int, float)):
+        lines.append(f"Machine peak: {peak['gflops']:.1f} GFLOP/s ({peak.get('method', '?')}).")
+    return lines
+
+
+def tuning_rows(rows: list[dict]) -> list[dict]:
+    """What tuning bought: each tuned row beside the idiomatic row it is measured against
+    (its registry baseline), where both were timed at the same dtype, device and config."""
+    from backends import REGISTRY
+    timed = {(row["backend"], row["dtype"], row.get("device"), row.get("config_key")): row
+             for row in rows if row.get(MEDIAN_MS.key)}
+    pairs = []
+    for (name, dtype, device, config), tuned in timed.items():
+        info = REGISTRY.get(name)
+        baseline = timed.get((info.baseline, dtype, device, config)) if info else None
+        if tuned.get(DIVISION) == "tuned" and baseline is not None:
+            pairs.append({"idiomatic": baseline, "tuned": tuned,
+                          "speedup": baseline[MEDIAN_MS.key] / tuned[MEDIAN_MS.key]})
+    return pairs
+
+
+def tuning_markdown(rows: list[dict]) -> str:
+    pairs = tuning_rows(rows)
+    if not pairs:
+        return ""
+    lines = ["## What tuning buys", "",
+             "| idiomatic row | ms/step | tuned row | ms/step | tuned is | tunings |",
+             "|---|---|---|---|---|---|"]
+    for pair in pairs:
+        idiomatic, tuned = pair["idiomatic"], pair["tuned"]
+        lines.append(f"| {idiomatic['backend']} {idiomatic['dtype']} | "
+                     f"{idiomatic[MEDIAN_MS.key]:.4f} | {tuned['backend']} | "
+                     f"{tuned[MEDIAN_MS.key]:.4f} | {ratio_text(pair['speedup'])} | "
+                     f"{'; '.join(tuned.get(TUNINGS) or [])} |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_text(speedup: float) -> str:
+    """`3.2x faster` / `1.5x slower`, with digits at any size."""
+    if speedup >= 1:
+        return f"{speedup:,.{2 if speedup < 10 else 1}f}x faster"
+    slower = 1 / speedup
+    return f"{slower:,.{2 if slower < 10 else 1}f}x slower"
 
 
 def markdown_report(document: dict) -> str:
@@ -366,7 +463,7 @@ def markdown_report(document: dict) -> str:
     versions = {}
     for run in document.get("runs", []):
         versions.update(run.get("framework_versions") or {})
-    rows = summarize_runs(document.get("runs", []))
+    rows = summarize_runs(document.get("runs", []), (env.get("peak") or {}).get("gflops"))
     parts = [
         f"# microgpt-bench results ({document.get('created', '?')})",
         "",
@@ -386,7 +483,20 @@ def markdown_report(document: dict) -> str:
         "",
         markdown_table(rows),
         TABLE_FOOTNOTE,
+        *(["", *limits_lines(env)] if limits_lines(env) else []),
     ]
+    if tuning_markdown(rows):
+        parts += ["", tuning_markdown(rows)]
+    tuned = {row["backend"]: row.get(TUNINGS) for row in rows if row.get(DIVISION) == "tuned"}
+    if tuned:
+        parts += ["", "## Tunings of the tuned rows", ""]
+        parts += [f"- {name}: {'; '.join(tunings or ['-'])}" for name, tunings in tuned.items()]
+    threads = document.get("threads")
+    if isinstance(threads, dict):
+        variables = ", ".join(f"{key}={value}"
+                              for key, value in (threads.get("environment") or {}).items())
+        parts += ["", f"Threads: --threads {threads.get('requested')} for every row "
+                      f"({variables})."]
     if document.get("sweep"):
         parts += ["", sweep_markdown(document)]
     notes = summary_notes(rows)

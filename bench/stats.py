@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 import statistics
 
-from bench.record import (CI_HIGH, CI_LOW, FINAL_LOSS, FIRST_STEP_MS, MEDIAN_MS, REPEATS,
-                          ROW_FIGURES, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S,
-                          is_timed, losses_of)
+from bench.record import (CI_HIGH, CI_LOW, DIVISION, FINAL_LOSS, FIRST_STEP_MS,
+                          FLOPS_PER_STEP, GFLOPS, MEDIAN_MS, PERCENT_OF_PEAK, REPEATS,
+                          ROW_FIGURES, SAMPLING_ROW_KEY, SAMPLING_S, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S,
+                          TUNINGS, is_timed, losses_of)
 
 CONFIDENCE = 0.95
 # A run-to-run spread (IQR over the median, or standard deviation over the mean) above this is
@@ -286,7 +287,11 @@ def config_key(config: dict | None) -> tuple:
 
 # ---- summaries of runs -----------------------------------------------------------------------
 def run_key(run: dict) -> tuple:
-    return (run["backend"], run.get("dtype"), run.get("device"), config_key(run.get("config")))
+    """Runs of one configuration: the same backend name, dtype, device and model config, and
+    the same implementation (a name that moved to another implementation, as `torch` did when
+    the divisions came, is another configuration; None in files from before divisions)."""
+    return (run["backend"], run.get("dtype"), run.get("device"), config_key(run.get("config")),
+            run.get("implementation"))
 
 
 def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
@@ -298,12 +303,12 @@ def group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
         key = run_key(run)
         if key[2] is None:
             key = next((existing for existing in groups
-                        if existing[:2] == key[:2] and existing[3] == key[3]), key)
+                        if existing[:2] == key[:2] and existing[3:] == key[3:]), key)
         groups.setdefault(key, []).append(run)
     # Failed runs seen before any successful one: move them to the group that got a device.
     for key in [key for key in groups if key[2] is None]:
         target = next((other for other in groups
-                       if other[2] is not None and other[:2] == key[:2] and other[3] == key[3]),
+                       if other[2] is not None and other[:2] == key[:2] and other[3:] == key[3:]),
                       None)
         if target is not None:
             groups[target] = groups.pop(key) + groups[target]
@@ -344,7 +349,7 @@ def instability_warnings(timed_runs: list[dict]) -> list[str]:
     return warnings
 
 
-def summarize_runs(runs: list[dict]) -> list[dict]:
+def summarize_runs(runs: list[dict], peak_gflops: float | None = None) -> list[dict]:
     """One row per configuration: backend, dtype, device, config (its label), config_key,
     steps, n (timed runs), status; for each of bench.record.ROW_FIGURES the median over the
     timed runs (so ms_per_step_median is the median over repeats of each run's per-step
@@ -353,10 +358,11 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
     full `describe` over repeats of the REPEATS figures; `warnings` lists instability warnings.
     A row without timed runs has the status and error of its last run instead of figures."""
     rows = []
-    for (backend, dtype, device, _), group in group_runs(runs).items():
+    for (backend, dtype, device, *_), group in group_runs(runs).items():
         timed = [run for run in group if is_timed(run)]
         config = group[0].get("config")
         row = {"backend": backend, "dtype": dtype, "device": device, "n": len(timed),
+               DIVISION: group[0].get(DIVISION), TUNINGS: group[0].get(TUNINGS) or [],
                "config": config_label(config), "config_key": config_key(config),
                "steps": group[0].get("steps") or (config or {}).get("num_steps"),
                "warnings": []}
@@ -372,12 +378,18 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         for figure in ROW_FIGURES:
             values = _values(timed, figure)
             row[figure.key] = statistics.median(values) if values else None
+        sampling = _values(timed, SAMPLING_S)
+        row[SAMPLING_ROW_KEY] = statistics.median(sampling) if sampling else None
         row[FINAL_LOSS] = losses_of(timed[0])[-1]
         row["repeats"] = {name: describe(_values(timed, figure))
                           for figure, name in REPEATS.items()}
         row[CI_LOW] = row["repeats"][REPEATS[MEDIAN_MS]].get("ci_low")
         row[CI_HIGH] = row["repeats"][REPEATS[MEDIAN_MS]].get("ci_high")
         row["warnings"] = instability_warnings(timed)
+        if row.get(FLOPS_PER_STEP.key) and row.get(MEDIAN_MS.key):
+            row[GFLOPS] = row[FLOPS_PER_STEP.key] / (row[MEDIAN_MS.key] * 1e-3) / 1e9
+            if peak_gflops:
+                row[PERCENT_OF_PEAK] = 100 * row[GFLOPS] / peak_gflops
         rows.append(row)
     _add_speedups(rows)
     return rows

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import backend_info
-from backends.contract import PRESETS, GPTConfig, build_spec, preset
+from backends.contract import PRESETS, GPTConfig, build_spec, preset, training_flops
 from bench import results
 from bench.environment import collect_environment
 from bench.reference import ReferenceFailed, bounded_reference
@@ -56,10 +56,9 @@ def forward_flops_per_token(config: GPTConfig, vocab_size: int) -> float:
 
 
 def train_flops_per_step(config: GPTConfig, vocab_size: int) -> float:
-    """Forward plus backward (about twice the forward) over a padded batch: backends with fixed
-    shapes do block_size positions per row whatever the name's length."""
-    return 3.0 * config.batch_size * config.block_size * forward_flops_per_token(config,
-                                                                                 vocab_size)
+    """A step over a full batch of full-length rows (backends with fixed shapes compute that
+    whatever the names' lengths): the projection's measure of size."""
+    return training_flops(config, vocab_size, [config.block_size] * config.batch_size)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,14 @@ def one_line(error: BaseException, limit: int = 400) -> str:
 def new_record(request: dict) -> dict:
     record = {key: request.get(key) for key in ("backend", "dtype", "steps", "config")}
     record.update(status=Status.ERROR, phase="setup")
+    try:  # which implementation this row is, so that compare never pairs different ones
+        from backends import backend_info, register_extra_backends
+        register_extra_backends()
+        info = backend_info(request["backend"])
+        record.update(division=info.division, implementation=info.target,
+                      tunings=list(info.tunings))
+    except (KeyError, ValueError):  # reported as this run's error by run()
+        pass
     return record
 
 
@@ -96,7 +104,7 @@ def run(request: dict, record: dict) -> dict:
     start = clock()
     from backends import (BackendUnavailable, availability, backend_class, backend_info,
                           framework_versions, register_extra_backends)
-    from backends.contract import GPTConfig, build_spec
+    from backends.contract import GPTConfig, build_spec, training_flops
     from bench.training import sample, train
     from data.dataset import load_dataset
 
@@ -184,8 +192,12 @@ def run(request: dict, record: dict) -> dict:
     training = train(backend, spec, request["steps"], on_step=on_step)
     if pending:  # a run that stopped early (NaN, divergence)
         emit("losses", first_step=len(training.losses) - len(pending), losses=list(pending))
+    lengths = (spec.step_batch(step).lengths for step in range(len(training.losses)))
+    flops = [training_flops(config, spec.tokenizer.vocab_size, row) for row in lengths]
     record[TRAIN] = {LOSSES: training.losses, STEP_SECONDS: training.step_seconds,
                      STEPS_COMPLETED: len(training.losses),
+                     # the work the spec asks of a step, its real lengths (no padding), mean
+                     "flops_per_step": sum(flops) / len(flops) if flops else None,
                      **step_statistics(training.step_seconds)}
     if training.stopped_reason:
         reason = training.stopped_reason.removeprefix("diverged: ")  # the status says it

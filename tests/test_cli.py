@@ -164,7 +164,7 @@ def test_truncated_result_file(saved_document):
 
 
 def test_result_file_of_another_schema_version(saved_document):
-    saved_document.write_text(saved_document.read_text().replace('"schema_version": 1',
+    saved_document.write_text(saved_document.read_text().replace('"schema_version": 2',
                                                                  '"schema_version": 99'))
     with pytest.raises(results.ResultFileError, match="schema_version 99 is not supported"):
         results.load(saved_document)

@@ -29,8 +29,8 @@ def test_exit_code_and_table(result_file):
     assert completed.returncode == 1, completed.stderr  # python float32 is unavailable
     assert "numpy" in completed.stdout and "ms/step" in completed.stdout
     markdown = path.with_suffix(".md").read_text()
-    assert "| numpy | cpu | float64 | ok |" in markdown
-    assert "| python | - | float32 | unavailable |" in markdown
+    assert "| numpy | idiomatic | cpu | float64 | ok |" in markdown
+    assert "| python | idiomatic | - | float32 | unavailable |" in markdown
 
 
 def test_result_file_schema(result_file):

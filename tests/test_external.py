@@ -285,7 +285,7 @@ def test_judge_tolerance_is_print_rounding_plus_float32_slack():
 def test_external_lines_in_the_markdown_report(external_run):
     _, document, _, _ = external_run
     report = results.markdown_report(document)
-    assert "| exact | external | unknown |" in report
+    assert "| exact | - | external | unknown |" in report
     assert "- crash (unknown): crashed: crash after printing step 10 of 20" in report
 
 

@@ -245,5 +245,5 @@ def test_markdown_shows_ci_and_warnings():
     text = results.markdown_report(copy.deepcopy(document))
     assert "95% CI" in text
     row_line = next(line for line in text.splitlines() if line.startswith("| numpy"))
-    low, high = row_line.split(" | ")[5].split("..")
-    assert float(low) < float(row_line.split(" | ")[4]) < float(high)
+    low, high = row_line.split(" | ")[6].split("..")
+    assert float(low) < float(row_line.split(" | ")[5]) < float(high)

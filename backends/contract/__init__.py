@@ -6,11 +6,12 @@ The rules these types implement are written down in SPEC.md at the top of the re
 """
 from backends.contract.config import (DTYPES, PRESETS, RMS_EPS, AdamStep, ConfigError,
                                       GPTConfig, ParameterLayout, adam_step, parameter_shapes,
-                                      preset)
+                                      preset, training_flops)
 from backends.contract.interface import (DIVISIONS, Availability, Backend, BackendInfo,
                                          BackendUnavailable)
 from backends.contract.spec import SpecInstance, TokenBatch, Tokenizer, build_spec
 
 __all__ = ["DIVISIONS", "DTYPES", "PRESETS", "RMS_EPS", "AdamStep", "Availability", "Backend", "BackendInfo",
            "BackendUnavailable", "ConfigError", "GPTConfig", "ParameterLayout", "SpecInstance",
-           "TokenBatch", "Tokenizer", "adam_step", "build_spec", "parameter_shapes", "preset"]
+           "TokenBatch", "Tokenizer", "adam_step", "build_spec", "parameter_shapes", "preset",
+           "training_flops"]

@@ -161,6 +161,21 @@ class ParameterLayout:
                                for name, _, _ in self.entries])
 
 
+def training_flops(config: GPTConfig, vocab_size: int, lengths) -> float:
+    """Floating-point operations of one training step on sequences of these lengths (the
+    predicted positions n of each row): 2 per multiply-add of the forward pass (every layer's
+    q, k, v, o and MLP matrices, causal attention over p + 1 keys at position p, the
+    language-model head), times 3 for forward plus backward. Padding is not counted: this is
+    the work the spec asks for, whatever a backend computes on top."""
+    d, layers = config.n_embd, config.n_layer
+    per_position = layers * 12 * d * d + vocab_size * d
+    total = 0
+    for n in lengths:
+        n = int(n)
+        total += n * per_position + layers * d * n * (n + 1)  # attention: QK and AV
+    return 3.0 * 2.0 * total
+
+
 @dataclass(frozen=True)
 class AdamStep:
     """The scalars of one Adam update, computed once in float64 by the harness so that every

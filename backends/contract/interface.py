@@ -46,6 +46,9 @@ class BackendInfo:
     summary: str
     division: str = "idiomatic"
     tunings: tuple[str, ...] = ()
+    # For a tuned row: the idiomatic row of the same framework it is measured against (what
+    # the tunings bought).
+    baseline: str = ""
     requires: tuple[str, ...] = ()  # Python packages it imports (their versions are recorded)
     install_hint: str = ""
     dtypes: tuple[str, ...] = DTYPES
@@ -57,9 +60,10 @@ class BackendInfo:
     def __post_init__(self):
         if self.division not in DIVISIONS:
             raise ValueError(f"backend {self.name}: division must be one of {DIVISIONS}")
-        if (self.division == "tuned") != bool(self.tunings):
-            raise ValueError(f"backend {self.name}: a tuned backend lists its tunings, an "
-                             "idiomatic one has none")
+        if (self.division == "tuned") != bool(self.tunings) or (
+                self.baseline and self.division != "tuned"):
+            raise ValueError(f"backend {self.name}: a tuned backend lists its tunings (and "
+                             "may name its idiomatic baseline), an idiomatic one has neither")
 
     def check_request(self, config: GPTConfig, dtype: str) -> None:
         """Raise BackendUnavailable for a dtype or batch size this backend does not support."""
