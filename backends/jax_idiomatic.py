@@ -21,19 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from backends.contract import RMS_EPS, Backend, BackendUnavailable, TokenBatch
+from backends.contract import RMS_EPS, Backend, TokenBatch
+from backends.devices import jax_devices, resolve_jax_device
 
 jax.config.update("jax_enable_x64", True)  # see the module docstring
-
-DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
-
-
-def _jax_devices(platform: str) -> list:
-    try:
-        return jax.devices(platform)
-    except RuntimeError:  # JAX raises when it has no backend for that platform
-        return []
-
 
 def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
@@ -45,7 +36,7 @@ class JaxOptaxBackend(Backend):
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
-        self.jax_device = _jax_devices(self.device)[0]
+        self.jax_device = jax_devices(self.device)[0]
         self.np_dtype = np.dtype(dtype)
         linear = optax.linear_schedule(init_value=config.learning_rate, end_value=0.0,
                                        transition_steps=config.num_steps)
@@ -69,16 +60,7 @@ class JaxOptaxBackend(Backend):
         self.reset_cache()
 
     def resolve_device(self, requested):
-        if requested is None:  # JAX's own default: its GPU when jaxlib has one
-            return "gpu" if _jax_devices("gpu") else "cpu"
-        if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
-                                     f"choose cpu or gpu")
-        device = DEVICE_ALIASES[requested]
-        if not _jax_devices(device):
-            raise BackendUnavailable(f"JAX has no {device} here (a GPU needs a CUDA build of "
-                                     f"jaxlib, e.g. pip install 'jax[cuda12]')")
-        return device
+        return resolve_jax_device(self.name, requested)
 
     # ---- parameters ------------------------------------------------------------------------
     def load_parameters(self, parameters):

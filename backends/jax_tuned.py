@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
+from backends.contract import RMS_EPS, AdamStep, Backend, TokenBatch
+from backends.devices import jax_devices, resolve_jax_device
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +48,6 @@ except (ImportError, AttributeError):  # pragma: no cover
     _INLINE_CPU_DISPATCH = None
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
-DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
-
-
-def _jax_devices(platform: str) -> list:
-    try:
-        return jax.devices(platform)
-    except RuntimeError:  # JAX raises when it has no backend for that platform
-        return []
-
-
 def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
 
@@ -67,7 +58,7 @@ class JaxTunedBackend(Backend):
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
-        self.jax_device = _jax_devices(self.device)[0]
+        self.jax_device = jax_devices(self.device)[0]
         self.jnp_dtype = jnp.float64 if dtype == "float64" else jnp.float32
         self.np_dtype = np.dtype(dtype)
         self.num_parameters = self.layout.total
@@ -100,16 +91,7 @@ class JaxTunedBackend(Backend):
         self.reset_cache()
 
     def resolve_device(self, requested):
-        if requested is None:  # JAX's own default: its GPU when jaxlib has one
-            return "gpu" if _jax_devices("gpu") else "cpu"
-        if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
-                                     f"choose cpu or gpu")
-        device = DEVICE_ALIASES[requested]
-        if not _jax_devices(device):
-            raise BackendUnavailable(f"JAX has no {device} here (a GPU needs a CUDA build of "
-                                     f"jaxlib, e.g. pip install 'jax[cuda12]')")
-        return device
+        return resolve_jax_device(self.name, requested)
 
     # ---- parameters ------------------------------------------------------------------------
     def _device_zeros(self):

@@ -32,13 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
-
-DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "cuda": "gpu"}
-
-
-def _gpu_available() -> bool:
-    return mx.is_available(mx.gpu)
-
+from backends.devices import resolve_mlx_device
 
 class FastOps:
     """MLX's own fused ops (float32)."""
@@ -185,16 +179,7 @@ class MLXModuleBackend(Backend):
         self.reset_cache()
 
     def resolve_device(self, requested):
-        if requested is None:  # MLX's own choice: its GPU (Metal or CUDA) when it has one
-            return "gpu" if _gpu_available() else "cpu"
-        if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
-                                     f"choose cpu or gpu")
-        device = DEVICE_ALIASES[requested]
-        if device == "gpu" and not _gpu_available():
-            raise BackendUnavailable("MLX has no GPU here (needs Metal on macOS or mlx[cuda] "
-                                     "with an NVIDIA GPU)")
-        return device
+        return resolve_mlx_device(self.name, requested)
 
     # ---- parameters ------------------------------------------------------------------------
     def learning_rate_schedule(self, step):

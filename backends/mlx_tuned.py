@@ -43,16 +43,10 @@ import mlx.core as mx
 import numpy as np
 
 from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
+from backends.devices import resolve_mlx_device
 
 # "0" leaves the CPU affinity of an mlx worker process to the OS (see configure_process).
 PIN_ENV_VAR = "MICROGPT_BENCH_MLX_PIN"
-DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "metal": "gpu", "cuda": "gpu"}
-
-
-def _gpu_available() -> bool:
-    return mx.is_available(mx.gpu)
-
-
 # MLX's CPU `exp` (and so `softmax`, `logsumexp`) evaluates in float32 with a fast polynomial
 # even for float64 inputs (mlx/backend/cpu/simd/math.h; relative error ~6e-7), far outside the
 # float64 parity tolerance. `power(e, x)` goes through std::pow and is accurate to ~1e-15, so
@@ -153,16 +147,7 @@ class MLXTunedBackend(Backend):
         self.reset_cache()
 
     def resolve_device(self, requested):
-        if requested is None:  # MLX's own choice: its GPU (Metal or CUDA) when it has one
-            return "gpu" if _gpu_available() else "cpu"
-        if requested not in DEVICE_ALIASES:
-            raise BackendUnavailable(f"backend {self.name} has no device {requested!r}; "
-                                     f"choose cpu or gpu")
-        device = DEVICE_ALIASES[requested]
-        if device == "gpu" and not _gpu_available():
-            raise BackendUnavailable("MLX has no GPU here (needs Metal on macOS or mlx[cuda] "
-                                     "with an NVIDIA GPU)")
-        return device
+        return resolve_mlx_device(self.name, requested)
 
     def _build_constants(self):
         T = self.config.block_size

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.contract import RMS_EPS, Backend, BackendUnavailable, TokenBatch
+from backends.devices import resolve_torch_device
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: targets of padded positions
 
@@ -103,53 +104,6 @@ class GPT(nn.Module):
                           f"layer{i}.mlp_fc1": layer.fc1.weight,
                           f"layer{i}.mlp_fc2": layer.fc2.weight})
         return named
-
-
-# ---- devices ---------------------------------------------------------------------------------
-def mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def resolve_torch_device(name: str, requested: str | None) -> str:
-    """None: CUDA, then MPS, then the CPU; an explicit device must exist here (the same rules
-    and messages as backends/torch_tuned.py)."""
-    if requested is None:
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if mps_available() else "cpu"
-    if requested == "gpu":  # the runner's generic name: whichever GPU this torch has
-        if torch.cuda.is_available():
-            return "cuda"
-        if mps_available():
-            return "mps"
-        raise BackendUnavailable(
-            f"backend {name}: device 'gpu' is not available: no CUDA device and no "
-            f"MPS (torch {torch.__version__})")
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise BackendUnavailable(
-            f"backend {name}: {requested!r} is not a torch device ({error})") from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise BackendUnavailable(f"backend {name}: device {requested!r} is not available: "
-                                     f"{why} (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BackendUnavailable(
-                f"backend {name}: device {requested!r} is not available: only "
-                f"{torch.cuda.device_count()} CUDA device(s)")
-        return str(device)
-    if device.type == "mps":
-        if not mps_available():
-            raise BackendUnavailable(
-                f"backend {name}: device 'mps' is not available (needs Apple silicon "
-                f"and a torch built with MPS; torch {torch.__version__})")
-        return "mps"
-    raise BackendUnavailable(f"backend {name} runs on cpu, cuda or mps, not on {requested!r}")
 
 
 # ---- the backends ----------------------------------------------------------------------------

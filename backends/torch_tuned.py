@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch, adam_step
+from backends.devices import resolve_torch_device
 
 IGNORE = -100  # cross_entropy's ignore_index: target of a padded position
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op thread count
@@ -131,10 +132,6 @@ def transformer_logits(weights: dict, x, config, batch_rows: int, attend, norm):
 
 
 # ---- the backends ----------------------------------------------------------------------------
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
 class TorchTunedBackend(Backend):
     name = "torch-tuned"
     provides_gradients = True
@@ -194,48 +191,8 @@ class TorchTunedBackend(Backend):
 
     # ---- discovery -------------------------------------------------------------------------
     def resolve_device(self, requested):
-        """None: CUDA, then MPS, then the CPU. An explicit device must exist here."""
-        if torch is None:
-            raise BackendUnavailable(f"package torch is not installed; {INSTALL_HINT}")
-        if requested is None:
-            if torch.cuda.is_available():
-                return "cuda"
-            return "mps" if _mps_available() else "cpu"
-        if requested == "gpu":  # the runner's generic name: whichever GPU this torch has
-            if torch.cuda.is_available():
-                return "cuda"
-            if _mps_available():
-                return "mps"
-            raise BackendUnavailable(
-                f"backend {self.name}: device 'gpu' is not available: no CUDA device and no "
-                f"MPS (torch {torch.__version__})")
-        try:
-            device = torch.device(requested)
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise BackendUnavailable(
-                f"backend {self.name}: {requested!r} is not a torch device ({error})") from None
-        if device.type == "cpu":
-            return "cpu"
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                       else "no CUDA GPU is visible")
-                raise BackendUnavailable(
-                    f"backend {self.name}: device {requested!r} is not available: {why} "
-                    f"(torch {torch.__version__})")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise BackendUnavailable(
-                    f"backend {self.name}: device {requested!r} is not available: only "
-                    f"{torch.cuda.device_count()} CUDA device(s)")
-            return str(device)
-        if device.type == "mps":
-            if not _mps_available():
-                raise BackendUnavailable(
-                    f"backend {self.name}: device 'mps' is not available (needs Apple silicon "
-                    f"and a torch built with MPS; torch {torch.__version__})")
-            return "mps"
-        raise BackendUnavailable(
-            f"backend {self.name} runs on cpu, cuda or mps, not on {requested!r}")
+        """The torch row's rules: None is CUDA, then MPS, then the CPU."""
+        return resolve_torch_device(self.name, requested)
 
     # ---- parameters ------------------------------------------------------------------------
     def load_parameters(self, parameters):

@@ -338,7 +338,7 @@ def chart_phases(machines: list[Machine], path: Path) -> Path | None:
     axis.invert_yaxis()
     axis.set_xlabel("seconds, process start to exit (medians over repeats)")
     axis.set_title("Where the time goes: end-to-end, by phase")
-    axis.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    figure.legend(*axis.get_legend_handles_labels(), fontsize=8, ncol=4, loc="outside lower center")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     pyplot.close(figure)
     return path

@@ -289,7 +289,8 @@ def supervise(argv: list[str], *, timeout_s: float, memory_limit_mb: int | None 
         REAPER.forget(group)
     outcome.wall_s = time.monotonic() - started
     for reader in readers:  # every writer is dead: the output ends where it was
-        reader.join(timeout=5)
+        if reader.ident is not None:  # an interrupt can come before the second one starts
+            reader.join(timeout=5)
     outcome.returncode = process.returncode
     outcome.stdout_tail, outcome.stderr_tail = list(stdout_tail), list(stderr_tail)
     return outcome

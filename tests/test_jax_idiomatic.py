@@ -13,7 +13,7 @@ pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402  (after the skip)
 import optax  # noqa: E402
 
-from backends import jax_idiomatic  # noqa: E402
+from backends import devices  # noqa: E402
 from backends.contract import adam_step  # noqa: E402
 from tests.helpers import make_backend, train_losses  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_no_compilation_after_prepare_even_across_reloads(pool, tiny_spec, caplo
 
 def test_default_device_and_details(pool, tiny_spec):
     backend = pool.get("jax", "float32", tiny_spec)
-    expected = "gpu" if jax_idiomatic._jax_devices("gpu") else "cpu"
+    expected = "gpu" if devices.jax_devices("gpu") else "cpu"
     assert backend.device == expected
     details = backend.details()
     assert details["x64_enabled"] is True and details["device"] == expected

@@ -9,7 +9,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from backends import jax_tuned  # noqa: E402  (after the skip)
+from backends import devices  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable, adam_step  # noqa: E402
 from tests.helpers import make_backend  # noqa: E402
 
@@ -31,7 +31,7 @@ def test_float32_step_has_no_float64_in_it(pool, tiny_spec):
 
 def test_default_device_and_details(pool, tiny_spec):
     backend = pool.get("jax-tuned", "float32", tiny_spec)
-    expected = "gpu" if jax_tuned._jax_devices("gpu") else "cpu"
+    expected = "gpu" if devices.jax_devices("gpu") else "cpu"
     assert backend.device == expected
     details = backend.details()
     assert details["x64_enabled"] is True and details["device"] == expected
@@ -40,7 +40,7 @@ def test_default_device_and_details(pool, tiny_spec):
 
 @pytest.mark.parametrize("device", ["gpu", "cuda"])
 def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
-    if jax_tuned._jax_devices("gpu"):
+    if devices.jax_devices("gpu"):
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="gpu"):
         make_backend("jax-tuned", tiny_spec, "float32", device)

@@ -17,7 +17,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from backends import mlx_tuned  # noqa: E402  (after the skip)
+from backends import devices, mlx_tuned  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable  # noqa: E402
 from tests.helpers import make_backend  # noqa: E402
 
@@ -65,7 +65,7 @@ def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
 
 
 def test_the_gpu_has_no_float64(tiny_spec, monkeypatch):
-    monkeypatch.setattr(mlx_tuned, "_gpu_available", lambda: True)
+    monkeypatch.setattr(devices, "mlx_gpu_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
         make_backend("mlx-tuned", tiny_spec, "float64", "gpu")
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends import availability, torch_idiomatic  # noqa: E402  (after the skip)
+from backends import availability, devices, torch_idiomatic  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable, adam_step  # noqa: E402
 from tests.helpers import every_length, make_backend, train_losses  # noqa: E402
 
@@ -73,7 +73,7 @@ def test_compiled_steps_do_not_recompile_after_prepare(dtype, pool, tiny_spec):
 
 
 def test_asking_for_a_missing_gpu_is_unavailable(tiny_spec):
-    if torch.cuda.is_available() or torch_idiomatic.mps_available():
+    if torch.cuda.is_available() or devices.mps_available():
         pytest.skip("this machine has a GPU")
     for device in ("cuda", "cuda:0", "gpu", "mps"):
         with pytest.raises(BackendUnavailable, match="not available"):
@@ -81,6 +81,6 @@ def test_asking_for_a_missing_gpu_is_unavailable(tiny_spec):
 
 
 def test_mps_has_no_float64(tiny_spec, monkeypatch):
-    monkeypatch.setattr(torch_idiomatic, "mps_available", lambda: True)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
         make_backend("torch", tiny_spec, "float64", "mps")

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import backends  # noqa: E402  (after the skip)
-from backends import availability, torch_tuned  # noqa: E402
+from backends import availability, devices, torch_tuned  # noqa: E402
 from backends.contract import BackendUnavailable, TokenBatch, adam_step  # noqa: E402
 from tests.helpers import every_length, make_backend  # noqa: E402
 
@@ -109,20 +109,20 @@ def test_the_compiled_step_refuses_other_shapes(pool, tiny_spec):
 def test_default_device_is_the_best_available(tiny_spec):
     backend = make_backend("torch-tuned", tiny_spec, "float32")
     expected = ("cuda" if torch.cuda.is_available()
-                else "mps" if torch_tuned._mps_available() else "cpu")
+                else "mps" if devices.mps_available() else "cpu")
     assert backend.device == expected
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "gpu"])
 def test_asking_for_a_missing_gpu_is_unavailable(device, tiny_spec):
-    if torch.cuda.is_available() or torch_tuned._mps_available():
+    if torch.cuda.is_available() or devices.mps_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackendUnavailable, match="not available"):
         make_backend("torch-tuned", tiny_spec, "float32", device)
 
 
 def test_asking_for_missing_mps_is_unavailable(tiny_spec):
-    if torch_tuned._mps_available():
+    if devices.mps_available():
         pytest.skip("this machine has MPS")
     with pytest.raises(BackendUnavailable, match="mps"):
         make_backend("torch-compile-tuned", tiny_spec, "float32", "mps")
@@ -134,7 +134,7 @@ def test_a_cuda_index_beyond_the_devices_is_unavailable(tiny_spec):
 
 
 def test_mps_has_no_float64(tiny_spec, monkeypatch):
-    monkeypatch.setattr(torch_tuned, "_mps_available", lambda: True)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
     with pytest.raises(BackendUnavailable, match="float64"):
         make_backend("torch-tuned", tiny_spec, "float64", "mps")
 
