@@ -26,6 +26,7 @@ from backends.devices import jax_devices, resolve_jax_device
 
 jax.config.update("jax_enable_x64", True)  # see the module docstring
 
+
 def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
 

@@ -48,6 +48,7 @@ except (ImportError, AttributeError):  # pragma: no cover
     _INLINE_CPU_DISPATCH = None
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
+
 def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
 

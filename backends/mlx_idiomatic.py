@@ -34,6 +34,7 @@ from mlx.utils import tree_flatten
 from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch
 from backends.devices import resolve_mlx_device
 
+
 class FastOps:
     """MLX's own fused ops (float32)."""
 

@@ -47,6 +47,8 @@ from backends.devices import resolve_mlx_device
 
 # "0" leaves the CPU affinity of an mlx worker process to the OS (see configure_process).
 PIN_ENV_VAR = "MICROGPT_BENCH_MLX_PIN"
+
+
 # MLX's CPU `exp` (and so `softmax`, `logsumexp`) evaluates in float32 with a fast polynomial
 # even for float64 inputs (mlx/backend/cpu/simd/math.h; relative error ~6e-7), far outside the
 # float64 parity tolerance. `power(e, x)` goes through std::pow and is accurate to ~1e-15, so

@@ -14,7 +14,6 @@ import numpy as np
 from backends.contract import RMS_EPS, AdamStep, Backend, TokenBatch
 
 
-
 def rmsnorm(x):
     """Returns (y, scale) with scale = (mean(x*x) + eps) ** -0.5 kept for the backward pass."""
     # sum * (1/C) rather than np.mean: same value, a fraction of np.mean's Python overhead.

@@ -19,7 +19,6 @@ import math
 from backends.contract import RMS_EPS, Backend
 
 
-
 class Tape:
     """Scalar nodes: values[i], and for nodes built from others, children[i] and local[i]
     (d node / d child, one per child)."""

@@ -15,7 +15,8 @@ Exit codes (bench.command.ExitCode): 0 no significant slowdown beyond --max-slow
 few runs to tell); 1 a regression (significant AND slower than the threshold), and only that;
 2 an error: a file that cannot be read, is not valid JSON, has another schema version or a
 field of the wrong type (bench.results.validate), a --json output that cannot be claimed,
-results from different machines (unless --allow-cross-machine), a run in NEW that failed its parity check or crashed, or nothing in common to compare.
+results from different machines (unless --allow-cross-machine), a run in NEW that failed its
+parity check or crashed, or nothing in common to compare.
 """
 from __future__ import annotations
 

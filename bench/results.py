@@ -147,7 +147,8 @@ def _is_number(value) -> bool:
 
 
 def _shown(value) -> str:
-    text = json.dumps(value, allow_nan=True, default=str) if not isinstance(value, str) else repr(value)
+    text = (repr(value) if isinstance(value, str)
+            else json.dumps(value, allow_nan=True, default=str))
     return text if len(text) <= 60 else text[:57] + "..."
 
 

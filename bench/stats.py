@@ -23,8 +23,8 @@ import statistics
 
 from bench.record import (CI_HIGH, CI_LOW, DIVISION, FINAL_LOSS, FIRST_STEP_MS,
                           FLOPS_PER_STEP, GFLOPS, MEDIAN_MS, PERCENT_OF_PEAK, REPEATS,
-                          ROW_FIGURES, SAMPLING_ROW_KEY, SAMPLING_S, SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S,
-                          TUNINGS, is_timed, losses_of)
+                          ROW_FIGURES, SAMPLING_ROW_KEY, SAMPLING_S, SPEEDUP_VS_NUMPY,
+                          SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S, TUNINGS, is_timed, losses_of)
 
 CONFIDENCE = 0.95
 # A run-to-run spread (IQR over the median, or standard deviation over the mean) above this is

@@ -83,7 +83,6 @@ def test_float64_matches_the_python_tape_on_two_layers(small_spec):
     assert np.abs(python_losses - numpy_losses).max() < 1e-9
 
 
-
 def test_batch_of_one_equals_the_unpadded_step(tiny_spec):
     """Padding a row to the block size must not change its loss (causal attention + mask)."""
     backend = make_backend("numpy", tiny_spec, "float64")
@@ -96,7 +95,6 @@ def test_batch_of_one_equals_the_unpadded_step(tiny_spec):
     assert doubled_loss == pytest.approx(loss, abs=1e-14)
     for name in grads:
         np.testing.assert_allclose(doubled_grads[name], grads[name], atol=1e-14)
-
 
 
 def test_sampling_logits_match_a_full_forward(tiny_spec):

@@ -11,7 +11,7 @@ from backends.contract.interface import (DIVISIONS, Availability, Backend, Backe
                                          BackendUnavailable)
 from backends.contract.spec import SpecInstance, TokenBatch, Tokenizer, build_spec
 
-__all__ = ["DIVISIONS", "DTYPES", "PRESETS", "RMS_EPS", "AdamStep", "Availability", "Backend", "BackendInfo",
-           "BackendUnavailable", "ConfigError", "GPTConfig", "ParameterLayout", "SpecInstance",
-           "TokenBatch", "Tokenizer", "adam_step", "build_spec", "parameter_shapes", "preset",
-           "training_flops"]
+__all__ = ["DIVISIONS", "DTYPES", "PRESETS", "RMS_EPS", "AdamStep", "Availability", "Backend",
+           "BackendInfo", "BackendUnavailable", "ConfigError", "GPTConfig", "ParameterLayout",
+           "SpecInstance", "TokenBatch", "Tokenizer", "adam_step", "build_spec", "parameter_shapes",
+           "preset", "training_flops"]
