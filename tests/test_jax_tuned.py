@@ -1,9 +1,14 @@
-"""What is specific to the jax backend (the shared checks against numpy are in
+"""What is specific to the jax-tuned backend (the shared checks against numpy are in
 tests/test_conformance.py): with x64 switched on for the process, a float32 step still computes
-in float32 throughout (its HLO has no f64); devices; details.
+in float32 throughout (its HLO has no f64); synchronous dispatch in a fresh process; devices;
+details.
 
 Skipped when JAX is not installed.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +17,8 @@ jax = pytest.importorskip("jax")
 from backends import devices  # noqa: E402  (after the skip)
 from backends.contract import BackendUnavailable, adam_step  # noqa: E402
 from tests.helpers import make_backend  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_float32_step_has_no_float64_in_it(pool, tiny_spec):
@@ -35,7 +42,19 @@ def test_default_device_and_details(pool, tiny_spec):
     assert backend.device == expected
     details = backend.details()
     assert details["x64_enabled"] is True and details["device"] == expected
-    assert details["inline_cpu_dispatch"] is True  # nothing used JAX before the import
+
+
+def test_inline_dispatch_takes_effect_in_a_fresh_process():
+    """As in a benchmark worker, where nothing used JAX before the backend's import (in this
+    shared test process another JAX row may have)."""
+    program = ("from backends import create_backend\n"
+               "from backends.contract import preset\n"
+               "backend = create_backend('jax-tuned', preset('tiny'), 27, 'float32')\n"
+               "print(backend.details()['inline_cpu_dispatch'])\n")
+    completed = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "True"
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda"])
