@@ -16,6 +16,15 @@ def mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+def synchronize_torch(device: str) -> None:
+    """Wait for queued work on a CUDA or MPS device (the CPU runs synchronously)."""
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
 def resolve_torch_device(name: str, requested: str | None) -> str:
     """None: CUDA, then MPS, then the CPU; an explicit device must exist here."""
     import torch

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.contract import RMS_EPS, Backend, BackendUnavailable, TokenBatch
-from backends.devices import resolve_torch_device
+from backends.devices import resolve_torch_device, synchronize_torch
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: targets of padded positions
 
@@ -193,10 +193,7 @@ class TorchModuleBackend(Backend):
         return loss.item(), gradients
 
     def sync(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-        elif self.device == "mps":
-            torch.mps.synchronize()
+        synchronize_torch(self.device)
 
     # ---- sampling --------------------------------------------------------------------------
     def reset_cache(self):

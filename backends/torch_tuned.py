@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.contract import RMS_EPS, AdamStep, Backend, BackendUnavailable, TokenBatch, adam_step
-from backends.devices import resolve_torch_device
+from backends.devices import resolve_torch_device, synchronize_torch
 
 IGNORE = -100  # cross_entropy's ignore_index: target of a padded position
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op thread count
@@ -400,10 +400,7 @@ class TorchTunedBackend(Backend):
         self.sync()
 
     def sync(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-        elif self.device == "mps":
-            torch.mps.synchronize()
+        synchronize_torch(self.device)
 
     # ---- sampling --------------------------------------------------------------------------
     def reset_cache(self):
