@@ -34,6 +34,7 @@ def rmsnorm(x):
 class JaxOptaxBackend(Backend):
     name = "jax"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -75,6 +76,13 @@ class JaxOptaxBackend(Backend):
 
     def parameters(self):
         return {name: np.asarray(value).astype(np.float64) for name, value in self.params.items()}
+
+    def optimizer_moments(self):
+        """optax.adam's ScaleByAdamState mu and nu (pytrees like the parameters), found in
+        the chained optimizer state with optax.tree_utils.tree_get."""
+        return tuple({name: np.asarray(value).astype(np.float64) for name, value in
+                      optax.tree_utils.tree_get(self.opt_state, key).items()}
+                     for key in ("mu", "nu"))
 
     # ---- the model (pure functions of the parameter pytree) --------------------------------
     def forward(self, params, inputs):

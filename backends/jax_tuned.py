@@ -56,6 +56,7 @@ def rmsnorm(x):
 class JaxTunedBackend(Backend):
     name = "jax-tuned"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -137,6 +138,11 @@ class JaxTunedBackend(Backend):
 
     def parameters(self):
         return self.layout.split(np.asarray(self.flat).astype(np.float64))
+
+    def optimizer_moments(self):
+        """The two flat moment buffers, in the spec's flat layout like the parameters."""
+        return tuple(self.layout.split(np.asarray(moment).astype(np.float64))
+                     for moment in (self.moment1, self.moment2))
 
     # ---- training --------------------------------------------------------------------------
     def _loss(self, p, step_inputs):

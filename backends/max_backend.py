@@ -11,7 +11,11 @@ replaces it (outputs fed back as inputs; nothing goes to the host). Per step onl
 padded tokens, lengths and two Adam scalars go in, written into input buffers allocated once
 (on the CPU they share memory with numpy arrays), and only the loss comes back. Compilation
 happens in `prepare()`; MAX caches compiled graphs under ~/.cache/modular (or
-$MODULAR_CACHE_DIR), so a later process with the same config compiles much faster.
+$MODULAR_CACHE_DIR), so a later process with the same graph compiles much faster (on a 2-core
+CPU a cold tiny training graph takes minutes, a cached one seconds). The training graphs have a
+symbolic batch dimension and sampling has none, so each model config compiles one training
+graph per row (`max`, `max-loop`) and one sampling graph shared by both rows, whatever the
+batch size: a scaling sweep's later batch sizes find them in the cache.
 
 MAX runs work asynchronously: an engine copy (`inplace_copy_from`) may read its source after
 the call returns, so host arrays handed to one must stay alive until the device is synchronized
@@ -38,6 +42,7 @@ class MaxBackend(Backend):
 
     name = "max"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype="float32", device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -169,6 +174,12 @@ class MaxBackend(Backend):
         views = self.layout.split(self._to_host(self.state)[0])
         return {name: value.astype(np.float64) for name, value in views.items()}
 
+    def optimizer_moments(self):
+        """Adam's moments, rows 1 and 2 of the engine state, by name, [out, in], float64."""
+        state = self._to_host(self.state)
+        return tuple({name: value.astype(np.float64) for name, value in
+                      self.layout.split(state[row]).items()} for row in (1, 2))
+
     def loss_and_gradients(self, batch):
         """The compiled step's own gradient: one step with learning rate 0 from zeroed
         moments leaves the parameters as they were and m = (1 - beta1) * gradient. The state
@@ -228,6 +239,7 @@ class MaxBackend(Backend):
                 kernels[label] = sum(1 for kernel in model.kernel_summaries
                                      if kernel not in ("mgp.buffer.alloc", "index.constant"))
         return {"max_device": str(self.max_device), "state": "one [3, P] engine buffer",
+                "train_graph_batch": "symbolic (one graph for every batch size)",
                 **kernels, **self.compile_seconds}
 
 

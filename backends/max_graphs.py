@@ -19,10 +19,13 @@ it and returns the next state, which the backend feeds back in as the next step'
 parameters and moments never leave the engine between steps; the inference graph reads row 0 of
 the current state, so sampling always uses the current parameters without a copy.
 
-Every graph has fixed shapes per config: a step's tokens arrive padded to block_size + 1 with a
+Every graph has a fixed block per config: a step's tokens arrive padded to block_size + 1 with a
 length per row, and padded positions are masked out of the loss. Causal attention keeps padding
 (always after the real positions) from touching real positions, and its gradients are exactly
-zero, so one compiled graph serves every document.
+zero, so one compiled graph serves every document. The batch dimension of the training graphs
+is symbolic (`BATCH`), so that graph also serves every batch size: nothing in it depends on
+`config.batch_size`, and MAX's compile cache (~/.cache/modular) hands the graph compiled for
+one batch size to a later process running another. Sampling has no batch dimension.
 
 Shapes: B batch rows, T = block_size positions, C = n_embd, H heads, D = head_dim, V vocab,
 N = B * T rows, P parameters in all, K steps per call (max-loop).
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 from max.dtype import DType
-from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, ops
+from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, TensorValue, ops
 
 from backends.contract import RMS_EPS, GPTConfig, ParameterLayout
 
@@ -40,6 +43,11 @@ STATE_ROWS = 3  # parameters, Adam first moment, Adam second moment
 # Per-step Adam scalars fed to the training graph, computed on the host exactly as the numpy
 # float32 backend rounds them: (learning_rate / bias_correction1, 1 / bias_correction2).
 ADAM_SCALARS = 2
+# The training graphs' batch dimension is symbolic: one compiled graph per model config serves
+# every batch size (MAX compiles a graph for minutes on a small CPU; the scaling sweep runs
+# each config at several batch sizes, each in a fresh process that finds the graph in MAX's
+# cache). The block is static: every row is padded to block_size + 1 tokens.
+BATCH = Dim("batch")
 
 
 # ---- small graph helpers --------------------------------------------------------------------
@@ -62,22 +70,27 @@ def _contract(a: TensorValue, b: TensorValue, axis: int) -> TensorValue:
     return summed.reshape(shape)
 
 
-def _product_elements(*dims) -> int:
-    return int(np.prod([int(dim) for dim in dims]))
+def _use_matmul(rows: int, out, inputs) -> bool:
+    """Whether a linear layer's product is large enough for matmul kernels (see above).
+    `rows` is a static row count standing in for the layer's rows: with the batch dimension
+    symbolic, the training graph decides for one document's block_size rows, so that one graph
+    (and one choice) serves every batch size."""
+    return int(rows) * int(out) * int(inputs) > CONTRACT_MAX_ELEMENTS
 
 
-def _linear(x: TensorValue, weight: TensorValue) -> TensorValue:
-    """y = x @ W.T for rows x [N, in] and W [out, in]; [N, out]."""
-    (rows, _), (out, inputs) = x.shape, weight.shape
-    if _product_elements(rows, out, inputs) > CONTRACT_MAX_ELEMENTS:
+def _linear(x: TensorValue, weight: TensorValue, rows: int | None = None) -> TensorValue:
+    """y = x @ W.T for rows x [N, in] and W [out, in]; [N, out]. `rows`: the static row count
+    that decides between matmul and a fused contraction (default N, which must be static)."""
+    (n, _), (out, inputs) = x.shape, weight.shape
+    if _use_matmul(n if rows is None else rows, out, inputs):
         return x @ weight.T
     return _contract(ops.unsqueeze(x, 1), weight, axis=-1)
 
 
-def _weight_gradient(dy: TensorValue, x: TensorValue) -> TensorValue:
-    """dW = dy.T @ x for rows dy [N, out], x [N, in]; [out, in]."""
-    (rows, out), (_, inputs) = dy.shape, x.shape
-    if _product_elements(rows, out, inputs) > CONTRACT_MAX_ELEMENTS:
+def _weight_gradient(dy: TensorValue, x: TensorValue, rows: int | None = None) -> TensorValue:
+    """dW = dy.T @ x for rows dy [N, out], x [N, in]; [out, in] (`rows` as in `_linear`)."""
+    (n, out), (_, inputs) = dy.shape, x.shape
+    if _use_matmul(n if rows is None else rows, out, inputs):
         return dy.T @ x
     return _contract(ops.unsqueeze(dy, 2), ops.unsqueeze(x, 1), axis=0)
 
@@ -111,12 +124,14 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
     """One training step as graph values.
 
     state [3, P] float32, tokens [B, T+1] int32 (padded), lengths [B] int32, adam [2] float32.
-    Returns (loss [1], new_state [3, P]).
+    Returns (loss [1], new_state [3, P]). B is taken from `tokens` (the symbolic BATCH in the
+    compiled graphs); nothing here reads `config.batch_size`, so one graph serves every batch
+    size. Linear layers choose matmul or contraction for one document's T rows (`_linear`).
     """
     cfg = config
-    B, T, C, H, D, V = (cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.n_head,
-                        cfg.head_dim, vocab_size)
-    N = B * T  # rows of all positions
+    T, C, H, D, V = cfg.block_size, cfg.n_embd, cfg.n_head, cfg.head_dim, vocab_size
+    B = tokens.shape[0]
+    N = B * T  # rows of all positions (symbolic when B is)
     attention_scale = 1.0 / D ** 0.5
     flat, moment1, moment2 = state[0], state[1], state[2]  # each [P]
     p = layout.split(flat)
@@ -150,7 +165,7 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
     for i in range(cfg.n_layer):
         layer = {}
         xn, layer["scale1"] = _rmsnorm(x)
-        qkv = _linear(xn, qkv_weight[i])  # [N, 3C]
+        qkv = _linear(xn, qkv_weight[i], T)  # [N, 3C]
         q = split_heads(qkv[:, 0:C])  # [B, T, H, D]
         k = split_heads(qkv[:, C:2 * C])
         v = split_heads(qkv[:, 2 * C:3 * C])
@@ -159,15 +174,15 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
         weights = _softmax(scores * attention_scale + causal_mask, axis=2)
         # heads[b, query, h] = sum over keys of weights * v
         heads = merge_heads(_contract(ops.unsqueeze(weights, -1), ops.unsqueeze(v, 1), axis=2))
-        x = _linear(heads, p[f"layer{i}.attn_wo"]) + x
+        x = _linear(heads, p[f"layer{i}.attn_wo"], T) + x
         layer.update(xn=xn, q=q, k=k, v=v, weights=weights, heads=heads)
         xn2, layer["scale2"] = _rmsnorm(x)
-        hidden = _linear(xn2, p[f"layer{i}.mlp_fc1"])  # [N, 4C]
+        hidden = _linear(xn2, p[f"layer{i}.mlp_fc1"], T)  # [N, 4C]
         activated = ops.relu(hidden)
-        x = _linear(activated, p[f"layer{i}.mlp_fc2"]) + x
+        x = _linear(activated, p[f"layer{i}.mlp_fc2"], T) + x
         layer.update(xn2=xn2, hidden=hidden, activated=activated)
         saved.append(layer)
-    logits = _linear(x, p["lm_head"])  # [N, V]
+    logits = _linear(x, p["lm_head"], T)  # [N, V]
 
     # ---- loss: mean of -log softmax(logits)[target] over the real positions ----
     probs = _softmax(logits)
@@ -179,19 +194,19 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
     dlogits = (probs - target_one_hot) * (real / count)  # [N, V]
 
     # ---- backward (numpy _backward) ----
-    grads = {"lm_head": _weight_gradient(dlogits, x)}
+    grads = {"lm_head": _weight_gradient(dlogits, x, T)}
     dx = dlogits @ p["lm_head"]  # [N, C]
     for i in reversed(range(cfg.n_layer)):
         layer = saved[i]
         # MLP block: x = fc2(relu(fc1(rmsnorm(x_mid)))) + x_mid
-        grads[f"layer{i}.mlp_fc2"] = _weight_gradient(dx, layer["activated"])
+        grads[f"layer{i}.mlp_fc2"] = _weight_gradient(dx, layer["activated"], T)
         relu_mask = ops.cast(layer["hidden"] > 0, DType.float32)
         dhidden = (dx @ p[f"layer{i}.mlp_fc2"]) * relu_mask  # [N, 4C]
-        grads[f"layer{i}.mlp_fc1"] = _weight_gradient(dhidden, layer["xn2"])
+        grads[f"layer{i}.mlp_fc1"] = _weight_gradient(dhidden, layer["xn2"], T)
         dxn2 = dhidden @ p[f"layer{i}.mlp_fc1"]
         dx = dx + _rmsnorm_backward(layer["xn2"], layer["scale2"], dxn2)
         # Attention block: x_mid = Wo(attention(rmsnorm(x_in))) + x_in
-        grads[f"layer{i}.attn_wo"] = _weight_gradient(dx, layer["heads"])
+        grads[f"layer{i}.attn_wo"] = _weight_gradient(dx, layer["heads"], T)
         dheads = split_heads(dx @ p[f"layer{i}.attn_wo"])  # [B, T, H, D]
         weights, q, k, v = layer["weights"], layer["q"], layer["k"], layer["v"]
         # dweights = dheads @ v.T and dv = weights.T @ dheads, per batch row and head
@@ -203,14 +218,14 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
         dq = _contract(dscores, ops.unsqueeze(k, 1), axis=2)  # [B, T, H, D]
         dk = _contract(dscores, ops.unsqueeze(q, 2), axis=1)
         dqkv = ops.concat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # [N,3C]
-        grads[f"layer{i}.attn_qkv"] = _weight_gradient(dqkv, layer["xn"])  # [3C, C]
+        grads[f"layer{i}.attn_qkv"] = _weight_gradient(dqkv, layer["xn"], T)  # [3C, C]
         dxn = dqkv @ qkv_weight[i]  # [N, C]
         dx = dx + _rmsnorm_backward(layer["xn"], layer["scale1"], dxn)
     dembed = _rmsnorm_backward(x_embed_normed, embed_scale, dx)  # [N, C]
     grads["wpe"] = ops.sum(dembed.reshape((B, T, C)), axis=0).reshape((T, C))
     # Scatter-add of the token embedding rows as a one-hot product (as numpy does).
     input_one_hot = ops.cast(inputs.reshape((N, 1)) == vocab_ids, DType.float32)  # [N, V]
-    grads["wte"] = _weight_gradient(input_one_hot, dembed)  # [V, C]
+    grads["wte"] = _weight_gradient(input_one_hot, dembed, T)  # [V, C]
     pieces = []
     for name, (rows, cols), _ in layout.entries:
         if name.endswith("attn_wq"):
@@ -236,9 +251,10 @@ def _state_type(layout: ParameterLayout, device: DeviceRef) -> TensorType:
 
 def build_train_graph(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
                       device: DeviceRef) -> Graph:
-    """Inputs: state [3, P], tokens [B, T+1] int32, lengths [B] int32, adam [2] float32.
-    Outputs: the step's loss [1] and the new state [3, P] (the caller feeds it back in)."""
-    B, T = config.batch_size, config.block_size
+    """Inputs: state [3, P], tokens [B, T+1] int32, lengths [B] int32, adam [2] float32, B
+    symbolic (any batch size). Outputs: the step's loss [1] and the new state [3, P] (the
+    caller feeds it back in)."""
+    B, T = BATCH, config.block_size
     input_types = [
         _state_type(layout, device),
         TensorType(DType.int32, [B, T + 1], device),
@@ -258,9 +274,9 @@ def build_train_loop_graph(config: GPTConfig, vocab_size: int, layout: Parameter
     """K = steps_per_call training steps in one call, run by a MAX while loop.
 
     Inputs: state [3, P], tokens [K, B, T+1] int32, lengths [K, B] int32, adam [K, 2] float32,
-    count [1] int32 (how many of the K step slots to run, 1 <= count <= K). Outputs: losses [K]
-    (0 past `count`) and the state after the last step run [3, P]."""
-    B, T, K = config.batch_size, config.block_size, steps_per_call
+    count [1] int32 (how many of the K step slots to run, 1 <= count <= K), B symbolic.
+    Outputs: losses [K] (0 past `count`) and the state after the last step run [3, P]."""
+    B, T, K = BATCH, config.block_size, steps_per_call
     input_types = [
         _state_type(layout, device),
         TensorType(DType.int32, [K, B, T + 1], device),

@@ -162,6 +162,7 @@ def module_name(spec_name: str) -> str:
 class MLXModuleBackend(Backend):
     name = "mlx"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -214,6 +215,13 @@ class MLXModuleBackend(Backend):
         weights = dict(tree_flatten(self.model.parameters()))
         return {name: np.array(weights[module_name(name)]).astype(np.float64)
                 for name in self.shapes}
+
+    def optimizer_moments(self):
+        """mlx.optimizers.Adam's state: "m" and "v" beside each parameter of the model's tree
+        (flattened, "layers.0.attn.wq.weight.m")."""
+        state = dict(tree_flatten(self.optimizer.state))
+        return tuple({name: np.array(state[f"{module_name(name)}.{key}"]).astype(np.float64)
+                      for name in self.shapes} for key in ("m", "v"))
 
     # ---- training --------------------------------------------------------------------------
     def loss_fn(self, model, tokens, lengths):

@@ -107,6 +107,7 @@ def rmsnorm_backward(x, sum_sq, dy):
 class MLXTunedBackend(Backend):
     name = "mlx-tuned"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -204,6 +205,10 @@ class MLXTunedBackend(Backend):
 
     def parameters(self):
         return self._unstack(np.array(self.state[0]))
+
+    def optimizer_moments(self):
+        """m and v, the state's second and third buffers, in the weights' (R, C) layout."""
+        return self._unstack(np.array(self.state[1])), self._unstack(np.array(self.state[2]))
 
     def _matrices(self, weights):
         """name -> row range of the (R, C) weight buffer: views, made by one split node."""

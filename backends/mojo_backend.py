@@ -19,7 +19,7 @@ source or the compiler changes.
 All model state (parameters, Adam moments, activations, the key/value cache) lives in the Mojo
 object between calls; a step passes the token lists and the three Adam scalars and gets the loss
 back as a float. Parameters cross as float64 buffers (numpy arrays, by address) only when loaded
-and when read back.
+and when read back (the Adam moments likewise, when read back).
 """
 from __future__ import annotations
 
@@ -213,6 +213,7 @@ class _MojoExtensionBackend(Backend):
     model_classes: ClassVar[dict[str, str]]  # dtype -> Mojo type bound in the module
 
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -269,6 +270,12 @@ class _MojoExtensionBackend(Backend):
         flat = np.empty(self._num_parameters)
         self._ensure_model().copy_parameters(flat.ctypes.data, flat.size)
         return self.layout.split(flat)
+
+    def optimizer_moments(self):
+        """Adam's (m, v) as float64 arrays by name; zeros after load_parameters."""
+        m, v = np.empty(self._num_parameters), np.empty(self._num_parameters)
+        self._ensure_model().copy_moments(m.ctypes.data, v.ctypes.data, m.size)
+        return self.layout.split(m), self.layout.split(v)
 
     def _loss_and_gradients(self, tokens):
         flat = np.empty(self._num_parameters)

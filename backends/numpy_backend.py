@@ -34,6 +34,7 @@ def rmsnorm_backward(y, scale, dy):
 class NumpyBackend(Backend):
     name = "numpy"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -67,6 +68,10 @@ class NumpyBackend(Backend):
 
     def parameters(self):
         return {name: value.astype(np.float64) for name, value in self.params.items()}
+
+    def optimizer_moments(self):
+        return tuple({name: value.astype(np.float64) for name, value in
+                      self.layout.split(moment).items()} for moment in (self.adam_m, self.adam_v))
 
     # ---- training --------------------------------------------------------------------------
     def _layer_views(self, i):
@@ -121,19 +126,24 @@ class NumpyBackend(Backend):
         B = inputs.shape[0]
         probs = logits.reshape(B * T, -1)  # one row per position, softmax in place
         probs -= probs.max(axis=-1, keepdims=True)
-        np.exp(probs, out=probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
         if len(self.position_index) < B * T:  # a batch larger than the config's (tests)
             self.position_index = np.arange(B * T)
         rows, flat_targets = self.position_index[: B * T], targets.reshape(-1)
-        target_probs = probs[rows, flat_targets]  # (B*T,)
+        # log p = (logit - max) - log(sum exp(logit - max)), not log(softmax): at the `large`
+        # preset the logits spread by more than 100 early on, and float32's exp underflows
+        # to a probability of 0 (an infinite loss) where the float64 loss is ~26.
+        target_logits = probs[rows, flat_targets]  # (B*T,)
+        np.exp(probs, out=probs)
+        totals = probs.sum(axis=-1, keepdims=True)
+        probs /= totals
+        target_log_probs = target_logits - np.log(totals[:, 0])
         if B == 1:  # one unpadded row, the original program's case
-            loss = -np.log(target_probs).sum() / T
+            loss = -target_log_probs.sum() / T
             position_weight = 1.0 / T
         else:
             real = batch.position_mask[:, :T].reshape(-1).astype(self.np_dtype)
             count = real.sum()
-            loss = -(np.log(target_probs) * real).sum() / count
+            loss = -(target_log_probs * real).sum() / count
             position_weight = (real / count)[:, None]
         # d loss / d logits = (softmax - onehot) / n at every real position.
         dlogits = probs
@@ -185,6 +195,23 @@ class NumpyBackend(Backend):
         """The loss and a copy of every gradient, without updating (for tests)."""
         loss = self._loss_and_backward(batch)
         return loss, {name: grad.astype(np.float64) for name, grad in self.grads.items()}
+
+    def relu_margin(self, batch: TokenBatch) -> float:
+        """The smallest |pre-activation| of any MLP ReLU at a real position, relative to the
+        size of the terms it sums (|W| |x|). Below ~1e-5, float32 rounding can put that gate on
+        the other side of zero, which changes the gradient by a whole position's share
+        (bench.checkpoints uses this to tell a flipped gate from a wrong gradient)."""
+        T = int(batch.lengths.max())
+        _, saved = self._forward(batch.padded[:, :T])
+        real = batch.position_mask[:, :T].reshape(-1).astype(bool)
+        margin = np.inf
+        for i, layer in enumerate(saved["layers"]):
+            xn2, hidden = layer[8], layer[9]
+            bound = np.abs(xn2) @ np.abs(self.params[f"layer{i}.mlp_fc1"]).T
+            with np.errstate(divide="ignore", invalid="ignore"):
+                relative = np.abs(hidden[real]) / bound[real]
+            margin = min(margin, float(np.nanmin(relative, initial=np.inf)))
+        return margin
 
     def train_step(self, batch, adam: AdamStep):
         loss = self._loss_and_backward(batch)

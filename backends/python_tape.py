@@ -59,6 +59,7 @@ class Tape:
 
 class PythonTapeBackend(Backend):
     name = "python"
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype="float64", device=None):
         super().__init__(config, vocab_size, dtype, device)
@@ -87,6 +88,13 @@ class PythonTapeBackend(Backend):
         values = self.tape.values
         return {name: np.array([[values[i] for i in row] for row in rows], dtype=np.float64)
                 for name, rows in self.param_rows.items()}
+
+    def optimizer_moments(self):
+        import numpy as np  # only for handing results back to the suite, never in the maths
+        return tuple({name: np.array([[moment[i] for i in row] for row in rows],
+                                     dtype=np.float64)
+                      for name, rows in self.param_rows.items()}
+                     for moment in (self.adam_m, self.adam_v))
 
     # ---- the model as tape nodes -----------------------------------------------------------
     def _linear(self, x: list[int], weight_rows: list[list[int]]) -> list[int]:

@@ -110,6 +110,7 @@ class GPT(nn.Module):
 class TorchModuleBackend(Backend):
     name = "torch"
     provides_gradients = True
+    provides_moments = True
 
     def __init__(self, config, vocab_size, dtype, device=None):
         super().__init__(config, vocab_size, dtype, device)  # resolves the device
@@ -151,6 +152,19 @@ class TorchModuleBackend(Backend):
     def parameters(self):
         return {name: p.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
                 for name, p in self.named.items()}
+
+    def optimizer_moments(self):
+        """Adam's exp_avg and exp_avg_sq from optimizer.state; torch creates a parameter's
+        state on its first step, so none yet means zeros."""
+        moments = ({}, {})
+        for name, p in self.named.items():
+            state = self.optimizer.state.get(p, {})
+            for moment, key in zip(moments, ("exp_avg", "exp_avg_sq")):
+                value = state.get(key)
+                moment[name] = (np.zeros(tuple(p.shape)) if value is None else
+                                value.detach().to(device="cpu", dtype=torch.float64)
+                                .numpy().copy())
+        return moments
 
     # ---- training --------------------------------------------------------------------------
     def tensors(self, batch: TokenBatch):

@@ -135,6 +135,7 @@ def transformer_logits(weights: dict, x, config, batch_rows: int, attend, norm):
 class TorchTunedBackend(Backend):
     name = "torch-tuned"
     provides_gradients = True
+    provides_moments = True
     # Intra-op threads on the CPU (also used by torch-compile's generated code): the tensors
     # are far too small for parallel-for to pay for its synchronisation, and a second thread
     # waits for a busy second core (slower with 2 threads than 1 on a 2-core machine, eager
@@ -209,6 +210,12 @@ class TorchTunedBackend(Backend):
         # with the live parameters.
         return {name: np.array(view.detach().cpu().numpy(), dtype=np.float64)
                 for name, view in self.spec_views.items()}
+
+    def optimizer_moments(self):
+        """The flat moment buffers, laid out like the parameters: the spec's [out, in] views."""
+        return tuple({name: np.array(view.detach().cpu().numpy(), dtype=np.float64)
+                      for name, view in self.storage.spec_views(moment).items()}
+                     for moment in (self.adam_m, self.adam_v))
 
     # ---- training --------------------------------------------------------------------------
     def _stage(self, batch: TokenBatch) -> StepInputs:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from backends.contract import GPTConfig
 from bench.command import describe_interrupt
 from bench.files import REPO_ROOT
-from bench.parity import compare_losses
+from bench.parity import parity_verdict
 from bench.record import LOSSES, STEPS_COMPLETED, TRAIN, Status, losses_of
 from bench.worker import EVENT_PREFIX, read_loss_log
 
@@ -446,9 +446,10 @@ def _with_parity(record: dict, reference: list[float] | None) -> dict:
     losses = losses_of(record)
     if reference is None or not losses:
         return record
-    parity = compare_losses(losses, reference, record["dtype"])
-    record["parity"] = parity.to_dict()
-    if record["status"] == Status.OK and not parity.passed:
+    parity = parity_verdict(losses, reference, record["dtype"],
+                            (record.get(TRAIN) or {}).get("checkpoints"))
+    record["parity"] = parity
+    if record["status"] == Status.OK and not parity["passed"]:
         record["status"] = Status.PARITY_FAILED
-        record["error"] = parity.message
+        record["error"] = parity["message"]
     return record

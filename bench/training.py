@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from backends.contract import Backend, SpecInstance, TokenBatch, adam_step
+from bench.checkpoints import StateSnapshot
 
 
 @dataclass
@@ -39,13 +40,18 @@ def prepare_batches(spec: SpecInstance, steps: int) -> list[TokenBatch]:
 
 
 def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
-          on_step=None) -> TrainingRun:
+          on_step=None, checker=None) -> TrainingRun:
     """Run `steps` (default: the config's num_steps) timed training steps from the backend's
     current state. `on_step(step, loss)` is called outside the timed region.
 
     A backend with `steps_per_call` > 1 (max-loop) is timed per `train_steps` call of up to
     that many steps, and each step of a call is credited an equal
-    share of the call's time: its per-step figures are call averages, not single steps."""
+    share of the call's time: its per-step figures are call averages, not single steps.
+
+    With a `checker` (bench.checkpoints.CheckpointChecker), the backend's state is read before
+    and after each checkpoint step, outside the clock, and the step is checked against a
+    float64 step from that state; a checkpoint step of a multi-step backend is a call of its
+    own."""
     steps = spec.config.num_steps if steps is None else steps
     batches = prepare_batches(spec, steps)
     adam = [adam_step(spec.config, step) for step in range(steps)]
@@ -56,14 +62,21 @@ def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
     clock = time.perf_counter
     step = 0
     while step < steps:
-        count = min(steps_per_call, steps - step) if multi_step else 1
+        checked = checker is not None and checker.wants(step)
+        before = StateSnapshot.of(backend) if checked else None
+        count = min(steps_per_call, steps - step, *(
+            [next_check - step for next_check in _next_checkpoint(checker, step)])) if (
+            multi_step and not checked) else 1
         start = clock()
-        if multi_step:
+        if count > 1:
             losses = backend.train_steps(batches[step: step + count], adam[step: step + count])
         else:
             losses = [backend.train_step(batches[step], adam[step])]
         backend.sync()
         elapsed = clock() - start
+        if checked:
+            checker.check(step, before, StateSnapshot.of(backend), losses[0], batches[step],
+                          adam[step])
         for loss in losses:
             run.losses.append(loss)
             run.step_seconds.append(elapsed / count)
@@ -77,6 +90,14 @@ def train(backend: Backend, spec: SpecInstance, steps: int | None = None,
                 run.stopped_reason = f"diverged: loss {loss:.4g} at step {step}"
                 return run
     return run
+
+
+def _next_checkpoint(checker, step: int) -> list[int]:
+    """The next checkpoint after `step` (a multi-step call stops short of it), if any."""
+    if checker is None:
+        return []
+    later = [check for check in checker.steps if check > step]
+    return [min(later)] if later else []
 
 
 def softmax_probabilities(logits, temperature: float) -> list[float]:

@@ -105,6 +105,7 @@ def run(request: dict, record: dict) -> dict:
     from backends import (BackendUnavailable, availability, backend_class, backend_info,
                           framework_versions, register_extra_backends)
     from backends.contract import GPTConfig, build_spec, training_flops
+    from bench.checkpoints import CheckpointChecker
     from bench.training import sample, train
     from data.dataset import load_dataset
 
@@ -189,7 +190,11 @@ def run(request: dict, record: dict) -> dict:
             pending.clear()
             last_event[0] = now
 
-    training = train(backend, spec, request["steps"], on_step=on_step)
+    # Checkpoint parity (bench.checkpoints): a float64 step from the backend's own state at a
+    # few steps, outside the clock.
+    checker = (CheckpointChecker(config, spec.tokenizer.vocab_size, request["dtype"],
+                                 request["steps"]) if backend.provides_moments else None)
+    training = train(backend, spec, request["steps"], on_step=on_step, checker=checker)
     if pending:  # a run that stopped early (NaN, divergence)
         emit("losses", first_step=len(training.losses) - len(pending), losses=list(pending))
     lengths = (spec.step_batch(step).lengths for step in range(len(training.losses)))
@@ -199,6 +204,8 @@ def run(request: dict, record: dict) -> dict:
                      # the work the spec asks of a step, its real lengths (no padding), mean
                      "flops_per_step": sum(flops) / len(flops) if flops else None,
                      **step_statistics(training.step_seconds)}
+    if checker is not None:
+        record[TRAIN]["checkpoints"] = checker.summary()
     if training.stopped_reason:
         reason = training.stopped_reason.removeprefix("diverged: ")  # the status says it
         record.update(status=Status.DIVERGED, error=reason)

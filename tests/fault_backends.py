@@ -94,7 +94,7 @@ class NaNBackend(FaultBackend):
 
 class DivergingBackend(FaultBackend):
     """A learning rate 1000x too large from the start: the loss really runs away (float64:
-    inf at step 2 on the tiny config)."""
+    3e5 at step 2 on the tiny config, past the divergence guard)."""
     name = "diverging"
 
     def train_step(self, batch, adam):
@@ -110,6 +110,31 @@ class DriftingBackend(FaultBackend):
     def train_step(self, batch, adam):
         return NumpyBackend.train_step(
             self, batch, dataclasses.replace(adam, learning_rate=1.05 * adam.learning_rate))
+
+
+class WrongGradientBackend(FaultBackend):
+    """A small error in one gradient, from the fault step on: layer 0's MLP output matrix gets
+    1% of its gradient's neighbour added to each element (a direction error, which Adam does
+    not normalise away as it would a uniform scale). The run still learns like the reference,
+    so only a check of the step itself can see it."""
+    name = "wrong-gradient"
+    tensor = "layer0.mlp_fc2"
+    error = 0.01
+
+    def __init__(self, config, vocab_size, dtype, device=None):
+        super().__init__(config, vocab_size, dtype, device)
+        self.step_index = 0
+
+    def train_step(self, batch, adam):
+        self.step_index = adam.step
+        return super().train_step(batch, adam)
+
+    def _loss_and_backward(self, batch):
+        loss = super()._loss_and_backward(batch)
+        if self.step_index >= self.fault_step:
+            gradient = self.grads[self.tensor]
+            gradient += self.error * np.roll(gradient, 1, axis=1)
+        return loss
 
 
 class SlowBackend(FaultBackend):
@@ -135,7 +160,7 @@ class NoisyBackend(FaultBackend):
 
 ALL = {cls.name: cls for cls in (SegfaultBackend, AbortBackend, RaisingBackend, HangingBackend,
                                  MemoryHogBackend, NaNBackend, DivergingBackend, DriftingBackend,
-                                 SlowBackend, NoisyBackend)}
+                                 WrongGradientBackend, SlowBackend, NoisyBackend)}
 
 
 def registry_value(*names: str) -> str:

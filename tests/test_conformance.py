@@ -28,7 +28,8 @@ import pytest
 from backends import REGISTRY, BackendUnavailable, availability, backend_class, backend_info
 from backends.contract import DTYPES, adam_step
 from bench.parity import LOSS_TOLERANCE
-from bench.training import sample
+from bench.checkpoints import CheckpointChecker
+from bench.training import sample, train
 from tests.helpers import (SAMPLE_TOKENS, every_length, make_backend, max_parameter_difference,
                            train_losses)
 
@@ -205,6 +206,47 @@ def test_gradients_match_numpy(name, spec_name, step, pool, request):
         np.testing.assert_allclose(gradients[parameter], expected[parameter], atol=atol, rtol=0,
                                    err_msg=parameter)
     assert max(np.abs(g).max() for g in expected.values()) > 1e-2  # non-trivial gradients
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+def test_adam_moments_match_numpy(name, dtype, pool, tiny_spec, request):
+    """The moments the checkpoint parity check starts from (bench.checkpoints): zeros after a
+    load, then numpy's after a few steps, at the spec's size and at another (with padding)."""
+    assert backend_class(name).provides_moments, f"{name} must expose its Adam moments"
+    for spec in (tiny_spec, other_sizes(name, request)):
+        backend = pool.get(name, dtype, spec)
+        backend.load_parameters(spec.parameters)
+        first, second = backend.optimizer_moments()
+        assert set(first) == set(second) == set(spec.parameters)
+        assert all(not np.any(value) for value in [*first.values(), *second.values()])
+        reference = make_backend("numpy", spec, dtype)
+        train_losses(backend, spec, 3)
+        train_losses(reference, spec, 3)
+        for got, expected in zip(backend.optimizer_moments(), reference.optimizer_moments()):
+            for parameter, value in expected.items():
+                assert got[parameter].shape == value.shape, parameter
+                scale = np.abs(value).max()
+                # summation order differs between implementations: relative rounding after 3 steps
+                atol = 1e-10 * max(scale, 1e-12) if dtype == "float64" else 1e-4 * scale + 1e-12
+                np.testing.assert_allclose(got[parameter], value, atol=atol, rtol=0,
+                                           err_msg=f"{parameter} ({spec.config.n_embd} wide)")
+        backend.load_parameters(spec.parameters)  # the pool's backend starts where it did
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+def test_checkpoint_check_passes_at_every_step(name, dtype, pool, request):
+    """The harness's checkpoint parity check (bench.checkpoints), at every one of 12 steps of
+    another size (with padded batches where supported)."""
+    spec = other_sizes(name, request)
+    steps = min(12, CONFORMANCE[name].steps)
+    backend = pool.get(name, dtype, spec)
+    backend.load_parameters(spec.parameters)
+    checker = CheckpointChecker(spec.config, spec.tokenizer.vocab_size, dtype, steps)
+    checker.steps = set(range(steps))
+    train(backend, spec, steps, checker=checker)
+    summary = checker.summary()
+    assert summary["passed"], summary["message"]
+    assert len(summary["steps"]) + summary["inconclusive"] == steps
 
 
 @pytest.mark.parametrize("name", BACKENDS)

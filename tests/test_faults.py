@@ -111,7 +111,9 @@ def test_fault_reason_and_partial_losses(fault_run, reference, name):
 def test_real_divergence_stops_early(fault_run):
     run = fault_run[2]["diverging"]
     assert run["status"] == "diverged"
-    assert run["error"] == "loss is inf at step 2"
+    # numpy's log-softmax loss stays finite: 3e5, far past the guard
+    assert run["error"].startswith("loss ") and run["error"].endswith(" at step 2")
+    assert float(run["error"].split()[1]) > 1e4
     assert len(run["train"]["losses"]) == 2 < STEPS
 
 

@@ -86,6 +86,10 @@ class Backend(abc.ABC):
     # - `loss_and_gradients`: the loss and every gradient of one step, without updating
     #   anything (the conformance tests compare gradients with numpy's).
     provides_gradients: ClassVar[bool] = False
+    # - `optimizer_moments`: Adam's moments as they stand, so that the harness's checkpoint
+    #   parity check (bench.checkpoints) can redo one step in float64 from the backend's own
+    #   state. Every registered backend provides it (the conformance suite checks).
+    provides_moments: ClassVar[bool] = False
 
     def __init__(self, config: GPTConfig, vocab_size: int, dtype: str, device: str | None = None):
         self.config = config
@@ -124,6 +128,12 @@ class Backend(abc.ABC):
         """The step's loss and float64 gradients by name, with no update (when
         `provides_gradients`)."""
         raise NotImplementedError(f"backend {self.name} does not expose its gradients")
+
+    def optimizer_moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Adam's first and second moments (m, v) as float64 arrays by name, [out, in] like
+        `parameters()`, as they stand after the last step (zeros after `load_parameters`),
+        when `provides_moments`."""
+        raise NotImplementedError(f"backend {self.name} does not expose its Adam moments")
 
     @abc.abstractmethod
     def reset_cache(self) -> None:

@@ -1647,6 +1647,25 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         return PythonObject(None)
 
     @staticmethod
+    def py_copy_moments(
+        self_ptr: Pointer[Self, MutAnyOrigin],
+        m_address: PythonObject,
+        v_address: PythonObject,
+        count: PythonObject,
+    ) raises -> PythonObject:
+        """Writes Adam's first and second moments as n_params float64 values each at
+        `m_address` and `v_address` (draw order)."""
+        ref model = self_ptr[]
+        if Int(py=count) != model.n_params:
+            raise Error(String("copy_moments: expected room for ", model.n_params))
+        var m = Pointer[Float64, MutUntrackedOrigin](unsafe_from_address=Int(py=m_address))
+        var v = Pointer[Float64, MutUntrackedOrigin](unsafe_from_address=Int(py=v_address))
+        for i in range(model.n_params):
+            m[unsafe_offset=i] = model.adam_m[i].cast[DType.float64]()
+            v[unsafe_offset=i] = model.adam_v[i].cast[DType.float64]()
+        return PythonObject(None)
+
+    @staticmethod
     def py_train_step(
         self_ptr: Pointer[Self, MutAnyOrigin],
         sequences: PythonObject,
@@ -1820,6 +1839,7 @@ def bind_model[
         .def_method[M.py_num_parameters]("num_parameters")
         .def_method[M.py_load_parameters]("load_parameters")
         .def_method[M.py_copy_parameters]("copy_parameters")
+        .def_method[M.py_copy_moments]("copy_moments")
         .def_method[M.py_train_step]("train_step")
         .def_method[M.py_train_step_overhead]("train_step_overhead")
         .def_method[M.py_loss_and_gradients]("loss_and_gradients")
