@@ -38,7 +38,7 @@ from bench.command import ArgumentParser, ExitCode, SafeStdout, UsageError, run_
 from bench.files import RESULTS_DIR, OutputError, display, new_directory, write_atomically
 from bench.parity import LOSS_TOLERANCE
 from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, DATA_S, END_TO_END_S, FINAL_LOSS,
-                          FIRST_STEP_MS, IMPORT_S, INIT_S, MEDIAN_MS, REPEATS,
+                          FIRST_STEP_MS, GFLOPS, IMPORT_S, INIT_S, MEDIAN_MS, REPEATS,
                           SAMPLING_ROW_KEY,
                           SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, TIMED_STATUSES,
                           TOKENS_PER_S, TRAIN, TRAIN_S, WARMUP_S, Status, losses_of)
@@ -450,15 +450,33 @@ def parameter_count(run: dict) -> int:
     return config.num_parameters(STANDARD_VOCAB_SIZE)
 
 
-def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path | None:
-    """ms per step against parameter count, one line per backend and dtype, one panel per
-    batch size (log-log, shared y axis): where lines cross, the faster backend changes."""
+@dataclass(frozen=True)
+class ScalingMeasure:
+    """What a scaling chart plots against model size: a summary row's key and its axis label;
+    `with_ci`: draw the row's 95% CI (of ms/step); `line_at`: a horizontal reference line's
+    (value, label), e.g. the machine's peak."""
+    key: str
+    label: str
+    with_ci: bool = False
+
+
+STEP_TIME = ScalingMeasure(MEDIAN_MS.key, "ms per training step (median, log scale)", True)
+COMPILE_TIME = ScalingMeasure(COMPILE_S.key, "compile s (prepare(), log scale)")
+ACHIEVED_GFLOPS = ScalingMeasure(GFLOPS, "GFLOP/s achieved (log scale)")
+
+
+def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling",
+                  measure: ScalingMeasure = STEP_TIME, peak_gflops: float | None = None,
+                  line_at: tuple[float, str] | None = None) -> Path | None:
+    """A figure of each row (ms per step by default) against parameter count, one line per
+    backend and dtype, one panel per batch size (log-log, shared y axis): where lines cross,
+    the faster backend changes. Rows without a positive value are left out (log scale)."""
     pyplot = _pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
     points: dict[int, dict[str, list[tuple[int, float, dict]]]] = {}
     tick_names: dict[int, str] = {}
-    for row in stats.summarize_runs(runs):
-        if not row.get(MEDIAN_MS.key):
+    for row in stats.summarize_runs(runs, peak_gflops):
+        if not (row.get(MEDIAN_MS.key) and (row.get(measure.key) or 0) > 0):
             continue
         run = next(run for run in runs if run["backend"] == row["backend"]
                    and run.get("dtype") == row["dtype"]
@@ -467,7 +485,7 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
         parameters = parameter_count(run)
         tick_names[parameters] = row["config"].split(" b")[0]
         points.setdefault(batch, {}).setdefault(f"{row['backend']} {row['dtype']}", []).append(
-            (parameters, row[MEDIAN_MS.key], row))
+            (parameters, row[measure.key], row))
     if not points:
         return None
     batches = sorted(points)
@@ -483,10 +501,13 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
             axis.plot([point[0] for point in line], [point[1] for point in line],
                       marker=markers[labels.index(label) % len(markers)],
                       color=colours[label], label=label)
-            for parameters, _, row in line:
+            for parameters, _, row in line if measure.with_ci else ():
                 low, high = row.get(CI_LOW), row.get(CI_HIGH)
                 if low is not None and high is not None and low > 0:
                     axis.vlines(parameters, low, high, color=colours[label], alpha=0.5)
+        if line_at is not None:
+            axis.axhline(line_at[0], color="black", linestyle="--", linewidth=1,
+                         label=line_at[1])
         axis.set_xscale("log")
         axis.set_yscale("log")
         # Ticks at the presets' sizes, named, instead of powers of ten.
@@ -501,7 +522,7 @@ def chart_scaling(runs: list[dict], path: Path, title: str = "Scaling") -> Path 
         axis.set_xlabel("model (parameters)")
         axis.set_title(f"batch size {batch}")
         axis.grid(which="major", alpha=0.3)
-    axes[0][0].set_ylabel("ms per training step (median, log scale)")
+    axes[0][0].set_ylabel(measure.label)
     # One legend for all panels (same colours everywhere), outside the data.
     handles = {}
     for axis in axes[0]:

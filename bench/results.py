@@ -528,38 +528,52 @@ def describe_machine(environment: dict) -> str:
             + f", {environment.get('os', {}).get('platform', '?')}")
 
 
+# What a sweep's pivot tables show, one table each: title and the cell of a summary row.
+SWEEP_TABLES = (
+    ("median ms per training step", lambda row: _fmt(row.get(MEDIAN_MS.key), ".4f")),
+    ("compile s (prepare(): what a new shape costs before its first step)",
+     lambda row: _fmt(row.get(COMPILE_S.key), ".2f")),
+    ("achieved GFLOP/s (% of the measured peak)",
+     lambda row: "-" if row.get(GFLOPS) is None else
+     f"{row[GFLOPS]:.2f} ({_fmt(row.get(PERCENT_OF_PEAK), '.1f')}%)"),
+)
+
+
 def sweep_markdown(document: dict) -> str:
-    """A sweep's pivot table (median ms per step: backends down, configurations across) and
-    the runs it skipped to stay within its budget."""
-    sweep = document["sweep"]
+    """A sweep's pivot tables (median ms per step, compile time and achieved GFLOP/s:
+    backends down, configurations across) and the runs it skipped, with the reason."""
+    sweep, runs = document["sweep"], document.get("runs", [])
     columns: dict[str, tuple[int, int]] = {}  # configuration label -> (parameters, batch)
-    cells: dict[str, dict[str, str]] = {}
     sizes = {run["sweep"]["label"]: (run["sweep"]["parameters"], run["sweep"]["batch_size"])
-             for run in document.get("runs", []) if run.get("sweep")}
-    for row in summarize_runs(document.get("runs", [])):
-        label = row["config"]  # config_label: the same text as the sweep's own label
-        columns.setdefault(label, sizes.get(label, (0, 0)))
-        value = row.get(MEDIAN_MS.key)
-        cells.setdefault(f"{row['backend']} {row['dtype']}", {})[label] = (
-            _fmt(value, ".4f") if value is not None else row["status"])
-    for skipped in sweep.get("skipped", []):
-        label = (skipped["preset"] if skipped["batch_size"] == 1
-                 else f"{skipped['preset']} b{skipped['batch_size']}")
-        columns.setdefault(label, (skipped["parameters"], skipped["batch_size"]))
-        cells.setdefault(f"{skipped['backend']} {skipped['dtype']}", {})[label] = "skipped"
+             for run in runs if run.get("sweep")}
+    rows = summarize_runs(runs, ((document.get("environment") or {}).get("peak") or {})
+                          .get("gflops"))
+    for row in rows:
+        columns.setdefault(row["config"], sizes.get(row["config"], (0, 0)))
+    skipped = {}
+    for item in sweep.get("skipped", []):
+        label = (item["preset"] if item["batch_size"] == 1
+                 else f"{item['preset']} b{item['batch_size']}")
+        columns.setdefault(label, (item["parameters"], item["batch_size"]))
+        skipped[(f"{item['backend']} {item['dtype']}", label)] = "skipped"
     ordered = sorted(columns, key=lambda label: (columns[label], label))  # size, then batch
-    lines = [f"## Sweep: median ms per training step ({sweep.get('steps')} steps per run, "
-             f"budget {sweep.get('budget_s', 0):.0f} s, took {sweep.get('elapsed_s', 0):.0f} s)",
-             "", "| backend | " + " | ".join(f"{label} ({columns[label][0]:,} params)"
-                                              for label in ordered) + " |",
-             "|" + "|".join(["---"] * (len(ordered) + 1)) + "|"]
-    for name, values in cells.items():
-        lines.append(f"| {name} | " + " | ".join(values.get(label, "-") for label in ordered)
-                     + " |")
+    names = list(dict.fromkeys([f"{row['backend']} {row['dtype']}" for row in rows]
+                               + [name for name, _ in skipped]))
+    lines = [f"Sweep: {sweep.get('steps')} steps per run, budget "
+             f"{sweep.get('budget_s', 0):.0f} s, took {sweep.get('elapsed_s', 0):.0f} s."]
+    for title, cell in SWEEP_TABLES:
+        cells = {(f"{row['backend']} {row['dtype']}", row["config"]):
+                 cell(row) if row.get(MEDIAN_MS.key) is not None else str(row["status"])
+                 for row in rows}
+        lines += ["", f"## Sweep: {title}", "",
+                  "| backend | " + " | ".join(f"{label} ({columns[label][0]:,} params)"
+                                             for label in ordered) + " |",
+                  "|" + "|".join(["---"] * (len(ordered) + 1)) + "|"]
+        lines += [f"| {name} | " + " | ".join({**skipped, **cells}.get((name, label), "-")
+                                            for label in ordered) + " |" for name in names]
     if sweep.get("skipped"):
-        lines += ["", "Skipped to stay within the budget (projection: the backend's run of "
-                  "the previous preset at the same batch size, else its latest run, scaled by "
-                  "estimated FLOPs):", ""]
+        lines += ["", "Skipped (projection: the backend's run of the previous preset at the same "
+                  "batch size, else its latest run, scaled by estimated FLOPs):", ""]
         lines += [f"- {item['backend']} {item['dtype']} {item['preset']} batch "
                   f"{item['batch_size']}: {item['reason']}" for item in sweep["skipped"]]
     return "\n".join(lines) + "\n"

@@ -6,12 +6,15 @@ backends that declare batch support), cheapest first by estimated FLOPs, each as
 parity-checked benchmark run (bench.runner.run_backend) of 200 steps. Before each run (and each
 float64 reference) its wall time is projected from the same backend's run of the previous
 preset at the same batch size, else its latest run: fixed costs as measured, training and
-sampling scaled by FLOPs. A run projected past the time left is skipped and listed; one that
-still overruns is stopped at the end of the budget and listed the same way.
+sampling scaled by FLOPs. A run projected past the time left, or past --run-limit (how the slow
+python and mojo-tape rows take part only where they fit), is skipped and listed with the
+reason; one that still overruns is stopped at the end of the budget and listed the same way.
 
 Writes results/sweep/<time>-<host>.json (a result file whose runs carry "sweep": preset, batch
 size, parameters, FLOPs; skipped runs under document["sweep"]["skipped"]), its Markdown table
-and <same name>-scaling.png (ms per step against parameters, one panel per batch size).
+and its charts against parameters, one panel per batch size: <same name>-scaling.png (ms per
+step), -compile.png (compile seconds per backend and shape) and -gflops.png (achieved GFLOP/s
+under the machine's measured peak).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from backends import backend_info
 from backends.contract import PRESETS, GPTConfig, build_spec, preset, training_flops
-from bench import results
+from bench import report, results
 from bench.environment import collect_environment
 from bench.reference import ReferenceFailed, bounded_reference
 from bench.cli import MAX_REPEAT, MAX_STEPS, MAX_TIMEOUT_S, claim_result
@@ -110,6 +113,9 @@ class SweepSettings:
     num_samples: int | None = None
     repeat: int = 1
     timeout_s: float = 1800.0
+    # A run projected past this many seconds is skipped whatever the budget: how a sweep takes
+    # the slow backends (python, mojo-tape) only as far as their runs stay short.
+    run_limit_s: float | None = None
     dataset_path: str | None = None
     custom_dataset: bool = False
     seed: int = 0
@@ -175,6 +181,13 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
                          or last_measured.get((backend, dtype, None)))
                 if basis is not None:
                     projected = project_seconds(basis[0], basis[1], point)
+                if (projected is not None and settings.run_limit_s is not None
+                        and projected > settings.run_limit_s):
+                    if repeat == 0:
+                        skip(backend, dtype, point, f"projected {projected:.0f} s, over the "
+                             f"per-run limit (--run-limit {settings.run_limit_s:.0f} s)",
+                             projected)
+                    continue
                 if remaining <= 0 or (projected is not None and projected > remaining):
                     if repeat == 0:
                         skip(backend, dtype, point,
@@ -221,6 +234,33 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
     return document
 
 
+# ---- charts --------------------------------------------------------------------------------
+def draw_sweep_charts(document: dict, path: Path) -> list[Path]:
+    """The sweep's three charts beside its result file, against model size per batch size:
+    ms per step (-scaling.png: where lines cross, the faster backend changes), compile time
+    (-compile.png: what a new shape costs before the first step) and achieved GFLOP/s with
+    the machine's measured peak (-gflops.png: how far each row is from the limit)."""
+    environment = document.get("environment") or {}
+    machine = results.describe_machine(environment)
+    steps = document["sweep"]["steps"]
+    peak = (environment.get("peak") or {}).get("gflops")
+    charts = [
+        (report.STEP_TIME, "scaling", f"ms per training step against model size ({steps} "
+                                      f"steps; {machine})", None),
+        (report.COMPILE_TIME, "compile", f"compile time per backend and shape ({machine})",
+         None),
+        (report.ACHIEVED_GFLOPS, "gflops", f"achieved GFLOP/s against model size ({machine})",
+         (peak, f"measured peak {peak:.1f} GFLOP/s") if peak else None),
+    ]
+    drawn = []
+    for measure, suffix, title, line_at in charts:
+        chart = report.chart_scaling(document["runs"], path.with_name(f"{path.stem}-{suffix}.png"),
+                                     title, measure, peak, line_at)
+        if chart is not None:
+            drawn.append(chart)
+    return drawn
+
+
 # ---- command -------------------------------------------------------------------------------
 def _int_list(text: str) -> list[int]:
     try:
@@ -258,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
                         help=f"total time budget (default {DEFAULT_BUDGET_S:.0f} s); runs "
                              "projected to exceed what is left are skipped")
+    parser.add_argument("--run-limit", type=float, default=None, metavar="SECONDS",
+                        help="skip a run projected to take longer than this, whatever the "
+                             "budget (how the slow python and mojo-tape rows join a sweep "
+                             "only where they fit; default: no limit)")
     parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="kill one run after this long (default 1800)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
@@ -291,6 +335,9 @@ def _main(args, argv: list[str], console) -> int:
             raise UsageError(f"{name} must be >= {low}")
     if not (math.isfinite(args.budget) and args.budget > 0):
         raise UsageError("--budget must be > 0 seconds")
+    if args.run_limit is not None and not (math.isfinite(args.run_limit)
+                                           and args.run_limit > 0):
+        raise UsageError("--run-limit must be > 0 seconds")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         raise UsageError(f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} s (7 days), "
                          f"got {args.timeout}")
@@ -311,7 +358,7 @@ def _main(args, argv: list[str], console) -> int:
     settings = SweepSettings(
         pairs=plan_runs(backends, args.dtype), points=points, budget_s=args.budget,
         warmup_steps=args.warmup, num_samples=args.samples, repeat=args.repeat,
-        timeout_s=args.timeout, dataset_path=os.path.abspath(dataset.path),
+        timeout_s=args.timeout, run_limit_s=args.run_limit, dataset_path=os.path.abspath(dataset.path),
         custom_dataset=args.custom_dataset,
         seed=args.seed)
 
@@ -320,6 +367,7 @@ def _main(args, argv: list[str], console) -> int:
     document["dataset"] = dataset.describe()
     document["sweep"] = {"presets": presets, "batch_sizes": args.batch_sizes,
                          "steps": args.steps, "budget_s": args.budget, "repeat": args.repeat,
+                         "run_limit_s": args.run_limit,
                          "backends": [f"{backend} {dtype}" for backend, dtype in settings.pairs],
                          "skipped": []}
     # Claimed before anything runs, as bench.py's result file (bench.files.claim).
@@ -349,14 +397,8 @@ def _main(args, argv: list[str], console) -> int:
         return ExitCode.FAILED
     outputs = [path, path.with_suffix(".md")]
     if not args.no_chart:
-        from bench import report
-        chart_path = path.with_name(path.stem + "-scaling.png")
         try:
-            if report.chart_scaling(document["runs"], chart_path,
-                                    f"ms per training step against model size "
-                                    f"({args.steps} steps; "
-                                    f"{results.describe_machine(environment)})"):
-                outputs.append(chart_path)
+            outputs += draw_sweep_charts(document, path)
         except report.ChartsUnavailable as error:
             console.print(f"[yellow]note:[/yellow] {error}", highlight=False)
     console.print("Results: " + ", ".join(str(output) for output in outputs), highlight=False)

@@ -1,6 +1,7 @@
-"""`bench.py sweep`: the cost model, the budget (runs projected past it are skipped and listed,
-with a fake runner and clock so the test is exact and fast), and one small real sweep that
-writes its result file and chart."""
+"""`bench.py sweep`: the cost model, the planning (the complete sweep when the budget allows;
+runs projected past the budget or --run-limit are skipped and listed, with a fake runner and
+clock so the test is exact and fast), and one small real sweep that writes its result file,
+tables and charts."""
 from __future__ import annotations
 
 import subprocess
@@ -42,10 +43,12 @@ def test_projection_scales_work_but_not_setup():
 class FakeMachine:
     """A runner whose runs cost `setup + flops * seconds_per_flop` seconds of a fake clock."""
 
-    def __init__(self, seconds_per_flop: float, setup_s: float = 1.0):
+    def __init__(self, seconds_per_flop: float, setup_s: float = 1.0,
+                 slowdown: dict[str, float] | None = None):
         self.now = 0.0
         self.seconds_per_flop = seconds_per_flop
         self.setup_s = setup_s
+        self.slowdown = slowdown or {}  # backend -> factor on its training time
         self.requests = []
 
     def clock(self) -> float:
@@ -54,7 +57,7 @@ class FakeMachine:
     def run(self, request, reference):
         self.requests.append(request)
         flops = sweep.train_flops_per_step(request.config, VOCAB) * request.steps
-        train_s = flops * self.seconds_per_flop
+        train_s = flops * self.seconds_per_flop * self.slowdown.get(request.backend, 1.0)
         wall_s = self.setup_s + train_s
         if wall_s > request.timeout_s:
             self.now += request.timeout_s
@@ -98,6 +101,44 @@ def test_budget_skips_runs_projected_past_it():
     assert projections[0] is None and all(value for value in projections[2:])
 
 
+def _sweep(pairs, points, budget_s, machine, run_limit_s=None):
+    settings = sweep.SweepSettings(pairs=pairs, points=points, budget_s=budget_s,
+                                   run_limit_s=run_limit_s)
+    document = {"runs": [], "sweep": {"skipped": []}}
+    sweep.run_sweep(settings, document, save=lambda doc: None, reference_for=lambda point: [],
+                    runner=machine.run, clock=machine.clock, log=lambda line: None)
+    ran = {(run["backend"], run["sweep"]["label"]) for run in document["runs"]}
+    return ran, document["sweep"]["skipped"]
+
+
+def test_nothing_skipped_when_the_budget_allows():
+    """The complete sweep: every preset at every batch size for every backend that batches,
+    batch 1 for one that does not, when the budget covers it all."""
+    points = sweep.sweep_points(list(sweep.PRESETS), [1, 8, 32], 200, VOCAB)
+    machine = FakeMachine(seconds_per_flop=1e-9)
+    pairs = [("numpy", "float32"), ("torch", "float32"), ("python", "float64")]
+    ran, skipped = _sweep(pairs, points, 1e7, machine)
+    assert skipped == []
+    expected = {(backend, point.label) for backend, _ in pairs for point in points
+                if backend != "python" or point.batch_size == 1}
+    assert ran == expected and len(ran) == 2 * 12 + 4
+
+
+def test_run_limit_skips_only_the_rows_past_it():
+    """--run-limit takes a slow backend only as far as its runs stay short, with its own
+    reason, and leaves the other backends' complete sweep alone."""
+    points = sweep.sweep_points(list(sweep.PRESETS), [1, 8], 200, VOCAB)
+    tiny_s = points[0].train_flops * 200 * 1e-11  # numpy: 7 s at large b8
+    machine = FakeMachine(seconds_per_flop=1e-11, slowdown={"python": 30 / tiny_s})
+    ran, skipped = _sweep([("numpy", "float32"), ("python", "float64")], points, 1e7,
+                          machine, run_limit_s=60)
+    assert ("python", "tiny") in ran and ("python", "small") not in ran
+    assert {item["backend"] for item in skipped} == {"python"}
+    assert all("--run-limit 60 s" in item["reason"] for item in skipped)
+    assert {label for backend, label in ran if backend == "numpy"} == {
+        point.label for point in points}
+
+
 def test_real_sweep_writes_results_and_chart(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.json"
@@ -113,14 +154,17 @@ def test_real_sweep_writes_results_and_chart(tmp_path):
     assert all(run["status"] == "ok" for run in document["runs"])
     assert document["sweep"]["steps"] == 4 and document["sweep"]["skipped"] == []
     markdown = path.with_suffix(".md").read_text()
-    assert "## Sweep: median ms per training step" in markdown
-    chart = path.with_name("sweep-scaling.png")
-    assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
+    for table in ("median ms per training step", "compile s", "achieved GFLOP/s"):
+        assert f"## Sweep: {table}" in markdown
+    for suffix in ("scaling", "compile", "gflops"):
+        chart = path.with_name(f"sweep-{suffix}.png")
+        assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
 
 
 def test_usage_errors_exit_2(capsys):
     assert sweep.main(["--presets", "huge"]) == ExitCode.USAGE
     assert sweep.main(["--budget", "0"]) == ExitCode.USAGE
+    assert sweep.main(["--run-limit", "-1"]) == ExitCode.USAGE
     assert sweep.main(["--backend", "nope"]) == ExitCode.USAGE
     errors = capsys.readouterr().err
     assert "unknown preset 'huge'" in errors and "Traceback" not in errors
