@@ -39,7 +39,7 @@ from bench.command import (ArgumentParser, ExitCode, UsageError, describe_interr
 from bench.files import RESULTS_DIR
 from bench.record import MEDIAN_MS, SAMPLING_S, TRAIN_S, Status
 from bench.runner import Interrupted, RunRequest, run_backend
-from bench.planning import check_known, default_backends, plan_runs
+from bench.planning import check_known, plan_runs, select_backends
 from data.dataset import load_dataset
 
 DEFAULT_STEPS = 200
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", action="append", default=[], metavar="NAME",
                         help="backend to sweep (repeatable); default: every available backend "
                              "of the default run (not the slow python / mojo-tape)")
+    parser.add_argument("--all", action="store_true",
+                        help="every backend available here, the slow python and mojo-tape "
+                             "included (with --run-limit they run only where they fit)")
     parser.add_argument("--dtype", action="append", default=[],
                         choices=["float32", "float64", "default"],
                         help="dtype (repeatable); default: each backend's own")
@@ -348,7 +351,7 @@ def _main(args, argv: list[str], console) -> int:
             args.json.with_suffix(".md")):
         raise UsageError(f"--json {args.json}: the Markdown table is written beside it under "
                          f"the same name; give the result file a .json name")
-    backends = list(dict.fromkeys(args.backend)) or default_backends()
+    backends = select_backends(args.backend, include_slow=args.all)
     if not backends:
         raise UsageError("no backend can run here; see `python bench.py --list`")
 
