@@ -24,7 +24,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends import backend_info
@@ -32,7 +32,7 @@ from backends.contract import PRESETS, GPTConfig, build_spec, preset, training_f
 from bench import report, results
 from bench.environment import collect_environment
 from bench.reference import ReferenceFailed, bounded_reference
-from bench.cli import MAX_REPEAT, MAX_STEPS, MAX_TIMEOUT_S, claim_result
+from bench.cli import MAX_REPEAT, MAX_STEPS, MAX_TIMEOUT_S, claim_result, threads_environment
 from bench.command import (ArgumentParser, ExitCode, UsageError, describe_interrupt,
                            install_termination_handlers, interrupt_exit_code, print_error,
                            run_guarded)
@@ -119,6 +119,7 @@ class SweepSettings:
     dataset_path: str | None = None
     custom_dataset: bool = False
     seed: int = 0
+    extra_env: dict = field(default_factory=dict)  # e.g. --threads' variables, for every run
 
 
 def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runner=run_backend,
@@ -199,7 +200,7 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
                     backend=backend, dtype=dtype, config=point.config,
                     steps=point.config.num_steps, warmup_steps=settings.warmup_steps,
                     num_samples=settings.num_samples, dataset_path=settings.dataset_path,
-                    custom_dataset=settings.custom_dataset,
+                    custom_dataset=settings.custom_dataset, extra_env=settings.extra_env,
                     timeout_s=max(1.0, min(settings.timeout_s, remaining)))
                 record = runner(request, reference)
                 budget_cut = (record.get("status") == Status.TIMEOUT
@@ -307,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "only where they fit; default: no limit)")
     parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="kill one run after this long (default 1800)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads for every run alike, as bench.py --threads "
+                             "(1 keeps a framework's spinning threads from fighting another "
+                             "program for the cores of a shared machine)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="result file (default: a new file under results/sweep/)")
     parser.add_argument("--overwrite", action="store_true")
@@ -344,6 +349,8 @@ def _main(args, argv: list[str], console) -> int:
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         raise UsageError(f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} s (7 days), "
                          f"got {args.timeout}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UsageError(f"--threads must be between 1 and 1,024, got {args.threads}")
     if args.steps > MAX_STEPS or args.warmup > MAX_STEPS or args.repeat > MAX_REPEAT:
         raise UsageError(f"--steps and --warmup must be at most {MAX_STEPS:,}, --repeat at "
                          f"most {MAX_REPEAT:,}")
@@ -361,7 +368,8 @@ def _main(args, argv: list[str], console) -> int:
     settings = SweepSettings(
         pairs=plan_runs(backends, args.dtype), points=points, budget_s=args.budget,
         warmup_steps=args.warmup, num_samples=args.samples, repeat=args.repeat,
-        timeout_s=args.timeout, run_limit_s=args.run_limit, dataset_path=os.path.abspath(dataset.path),
+        timeout_s=args.timeout, run_limit_s=args.run_limit,
+        extra_env=threads_environment(args.threads), dataset_path=os.path.abspath(dataset.path),
         custom_dataset=args.custom_dataset,
         seed=args.seed)
 
@@ -373,6 +381,8 @@ def _main(args, argv: list[str], console) -> int:
                          "run_limit_s": args.run_limit,
                          "backends": [f"{backend} {dtype}" for backend, dtype in settings.pairs],
                          "skipped": []}
+    if args.threads is not None:
+        document["threads"] = {"requested": args.threads, "environment": settings.extra_env}
     # Claimed before anything runs, as bench.py's result file (bench.files.claim).
     path, _ = claim_result(args, document, SWEEP_DIR, inputs=[dataset.path])
 

@@ -145,7 +145,7 @@ def test_real_sweep_writes_results_and_chart(tmp_path):
     completed = subprocess.run(
         [sys.executable, "bench.py", "sweep", "--backend", "numpy", "--presets", "tiny,small",
          "--batch-sizes", "1,8", "--steps", "4", "--warmup", "0", "--samples", "1",
-         "--budget", "120", "--json", str(path), "--dtype", "float64"],
+         "--budget", "120", "--json", str(path), "--dtype", "float64", "--threads", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     document = results.load(path)
@@ -153,6 +153,7 @@ def test_real_sweep_writes_results_and_chart(tmp_path):
     assert labels == ["small", "small b8", "tiny", "tiny b8"]
     assert all(run["status"] == "ok" for run in document["runs"])
     assert document["sweep"]["steps"] == 4 and document["sweep"]["skipped"] == []
+    assert document["threads"]["environment"]["OMP_NUM_THREADS"] == "1"
     markdown = path.with_suffix(".md").read_text()
     for table in ("median ms per training step", "compile s", "achieved GFLOP/s"):
         assert f"## Sweep: {table}" in markdown
@@ -165,6 +166,7 @@ def test_usage_errors_exit_2(capsys):
     assert sweep.main(["--presets", "huge"]) == ExitCode.USAGE
     assert sweep.main(["--budget", "0"]) == ExitCode.USAGE
     assert sweep.main(["--run-limit", "-1"]) == ExitCode.USAGE
+    assert sweep.main(["--threads", "0"]) == ExitCode.USAGE
     assert sweep.main(["--backend", "nope"]) == ExitCode.USAGE
     errors = capsys.readouterr().err
     assert "unknown preset 'huge'" in errors and "Traceback" not in errors
