@@ -1,4 +1,5 @@
-"""The command line: `python bench.py [options]` runs backends (and --external programs);
+"""The command line: `python bench.py [options]` runs backends and programs outside the suite
+(--external, --external-file);
 `python bench.py compare|report|sweep ...` are the tools built on result files (their own
 modules).
 
@@ -16,6 +17,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -36,10 +38,12 @@ from bench.command import (TERMINATION_SIGNALS, ArgumentParser, ExitCode, Termin
 from bench.environment import collect_environment
 from bench.files import RESULTS_DIR, OutputError, claim, display
 from bench.limits import harness_floor_ms, machine_peak
-from bench.external import parse_external_option, run_external
+from bench.external import (build_program, failed_build_record, load_description,
+                            parse_external_option, run_external)
+from bench.parity import ReferenceLosses
 from bench.planning import plan_runs, select_backends
 from bench.record import MEDIAN_MS, TIMED_STATUSES, TOKENS_PER_S, Status, losses_of
-from bench.reference import ReferenceFailed, bounded_reference
+from bench.reference import ReferenceFailed, bounded_reference, bounded_reference_samples
 from bench.runner import Interrupted, RunRequest, run_backend
 from bench.stats import summarize_runs, summary_notes
 from data.dataset import DATASET_ENV_VAR, load_dataset
@@ -69,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", action="append", metavar="NAME", default=[],
                         help=f"run this backend (repeatable); one of: {', '.join(REGISTRY)}")
     parser.add_argument("--external", action="append", metavar="NAME='COMMAND ...'", default=[],
-                        help="also run this program outside the suite (repeatable): it must "
-                             "print `step K / N | loss X` lines like the original microgpt.py; "
-                             "its losses are checked against the reference and its wall time "
-                             "/ N (process start and setup included) is its ms/step")
+                        help="run this program outside the suite (repeatable): it must print "
+                             "`step K / N | loss X` and `sample K: NAME` lines like the "
+                             "original microgpt.py; it is judged on the whole run and timed "
+                             "from the arrival of its step lines. Without --backend or --all "
+                             "only the programs named run")
+    parser.add_argument("--external-file", action="append", type=Path, metavar="PORT.toml",
+                        default=[],
+                        help="run the program this description file describes (repeatable): "
+                             "its command, folder, data file, precision, build and output "
+                             "patterns; examples/microgpt_port/port.toml is the template")
     parser.add_argument("--all", action="store_true",
                         help="run every backend available here (including the slow python)")
     parser.add_argument("--list", action="store_true",
@@ -175,12 +185,14 @@ def list_backends() -> int:
     return ExitCode.OK
 
 
-def parse_externals(options: list[str]) -> list:
+def parse_externals(options: list[str], files: list[Path] = ()) -> list:
+    """The --external programs, then the --external-file ones; every name once."""
     externals, taken = [], set(REGISTRY)
-    for option in options:
-        external = parse_external_option(option, taken)
-        taken.add(external.name)
-        externals.append(external)
+    for parse, values in ((parse_external_option, options), (load_description, files)):
+        for value in values:
+            external = parse(value, taken)
+            taken.add(external.name)
+            externals.append(external)
     return externals
 
 
@@ -315,8 +327,10 @@ def run_command(args, argv: list[str]) -> int:
         return list_backends()
     check_arguments(args)
     config = preset(args.config, num_steps=args.steps, batch_size=args.batch_size)
-    externals = parse_externals(args.external)
-    names = select_backends(args.backend, include_slow=args.all)
+    externals = parse_externals(args.external, args.external_file)
+    # Programs named alone are run alone: the backends join only when asked for.
+    names = (select_backends(args.backend, include_slow=args.all)
+             if args.backend or args.all or not externals else [])
     if not names and not externals:
         raise UsageError("no backend can run here; see `python bench.py --list`")
 
@@ -350,13 +364,22 @@ def run_command(args, argv: list[str]) -> int:
                       f"during the reference run; nothing was run", highlight=False)
         return interrupt_exit_code(interrupt)
 
-    def reference_for(num_steps: int, steps: int) -> list[float]:
+    def spec_for(num_steps: int):
         """An external program's N sets its learning-rate schedule: its own reference."""
         if num_steps == config.num_steps:
-            return reference[:steps]
-        other = build_spec(dataset.docs, config.replace(num_steps=num_steps))
-        return bounded_reference(other, steps, dataset, timeout_s=args.timeout,
+            return spec
+        return build_spec(dataset.docs, config.replace(num_steps=num_steps))
+
+    def reference_for(num_steps: int, steps: int) -> list[float]:
+        if num_steps == config.num_steps:
+            return ReferenceLosses(reference[:steps], reference.float32_drift[:steps])
+        return bounded_reference(spec_for(num_steps), steps, dataset, timeout_s=args.timeout,
                                  memory_limit_mb=args.memory_limit)
+
+    def reference_samples_for(num_steps: int, count: int) -> list[str]:
+        return bounded_reference_samples(spec_for(num_steps), num_steps, count, dataset,
+                                         timeout_s=args.timeout,
+                                         memory_limit_mb=args.memory_limit)
 
     # What the suite itself can resolve on this machine (bench.limits): outside every run.
     environment["harness_floor_ms"] = harness_floor_ms(spec)
@@ -372,12 +395,23 @@ def run_command(args, argv: list[str]) -> int:
                 raise SaveFailed(f"cannot save the results to {display(path)}: "
                                  f"{error.strerror or error}") from None
 
+    num_samples = config.num_samples if args.samples is None else args.samples
+    externals = [external.for_run(config.num_steps, num_samples) for external in externals]
     plan = [("backend", pair) for pair in plan_runs(names, args.dtype)]
-    plan += [("external", external) for external in externals]
     order_rng = random.Random(args.seed)
     round_index = 0
     try:
         try:
+            for external in externals:
+                problem = _build(external, console, args.timeout)
+                if problem is None:
+                    plan.append(("external", external))
+                else:  # recorded once: its runs cannot happen
+                    record = failed_build_record(external, config, problem)
+                    record["repeat"] = 0
+                    document["runs"].append(record)
+                    save()
+                    _print_run_line(console, f"{external.name} (external)", record)
             for round_index in range(args.repeat):
                 round_plan = list(plan)
                 if round_index > 0:  # interleave: a slow phase of the machine hits every one
@@ -402,8 +436,10 @@ def run_command(args, argv: list[str]) -> int:
                         record = _run_with_progress(
                             lambda on_event: run_external(
                                 item, config=config, vocab_size=spec.tokenizer.vocab_size,
-                                reference_for=reference_for, timeout_s=args.timeout,
-                                memory_limit_mb=args.memory_limit, on_event=on_event),
+                                reference_for=reference_for,
+                                reference_samples_for=reference_samples_for, dataset=dataset,
+                                timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
+                                on_event=on_event),
                             label, None, console, args.quiet)
                     _mark_test_hook(record)
                     record["repeat"] = round_index
@@ -430,6 +466,19 @@ def run_command(args, argv: list[str]) -> int:
     console.print(f"Results: {display(path)} and {display(markdown_path(path))}",
                   highlight=False)
     return exit_code_of(document["runs"], explicit=set(args.backend))
+
+
+def _build(program, console: Console, timeout_s: float) -> str | None:
+    """Run a described program's build command, unless an earlier build of the same
+    description did; None when it is built, else why not (its first error line)."""
+    if program.build is None:
+        return None
+    console.print(f"Building {program.name}: {shlex.join(program.build)} ...", highlight=False)
+    problem, cached = build_program(program, timeout_s=timeout_s)
+    if cached:
+        console.print(f"  {program.name}: built before (the description is unchanged); not "
+                      f"rebuilt", highlight=False)
+    return problem
 
 
 def _mark_test_hook(record: dict) -> None:
@@ -475,16 +524,17 @@ def _run_with_progress(start_run, label: str, total: int | None, console: Consol
 def _print_run_line(console: Console, label: str, record: dict) -> None:
     timing = ""
     if record["status"] in TIMED_STATUSES and MEDIAN_MS.of(record) is not None:
-        timing = f"{MEDIAN_MS.of(record):.4f} ms/step, final loss {losses_of(record)[-1]:.4f}"
-        if record.get("kind") == "external":
-            timing += " (wall time / steps)"
+        timing = (results.describe_timing(record["timing"]) if record.get("timing")
+                  else f"{MEDIAN_MS.of(record):.4f} ms/step")
+        timing += f", final loss {losses_of(record)[-1]:.4f}"
     if record["status"] == Status.OK:
         console.print(f"  {label}: ok, {timing}", highlight=False)
     else:
         colour = "yellow" if record["status"] in TIMED_STATUSES else "red"
-        console.print(f"  {label}: [{colour}]{record['status']}[/{colour}]: "
-                      f"{record.get('error', '')}" + (f"; {timing}" if timing else ""),
-                      highlight=False)
+        # A different init carries a note, not an error: timed, not failed.
+        reason = record.get("error") or record.get("note") or ""
+        console.print(f"  {label}: [{colour}]{record['status']}[/{colour}]: {reason}"
+                      + (f"; {timing}" if timing else ""), highlight=False)
 
 
 def _ci_percent(row: dict) -> str:
@@ -508,7 +558,7 @@ TERMINAL_COLUMNS = (
     results.Column("dtype", "dtype", numeric=False),
     results.CONFIG_COLUMN,
     results.Column("status", "status", numeric=False),
-    results.Column("ms/step", MEDIAN_MS.key, ".4f"),
+    results.Column("ms/step", MEDIAN_MS.key, results.ms_per_step_cell),
     results.Column("95% CI", results.CI_LOW, _ci_percent),
     results.Column("tok/s", TOKENS_PER_S.key, _tokens_per_s),
     results.Column("n", "n", "d"),
@@ -569,18 +619,16 @@ def print_summary(document: dict, console: Console | None = None) -> None:
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     for note in summary_notes(rows):
         console.print(f"  [yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
-    # The reason of every run that did not pass, one line each, under the table.
-    repeated = any(run.get("repeat") for run in document["runs"])
-    for run in document["runs"]:
-        if run["status"] != Status.OK:
-            repeat = f" #{run.get('repeat', 0) + 1}" if repeated else ""
-            console.print(f"  {run['backend']} ({run.get('dtype')}){repeat}: {run['status']}: "
-                          f"{run.get('error', '')}", highlight=False, markup=False,
-                          soft_wrap=True)
-    if any(run.get("kind") == "external" for run in document["runs"]):
-        console.print("  External programs: ms/step = wall time of the whole process / steps "
-                      "(includes process start and the program's own setup).",
+    # Why the runs that did not pass did not, once per configuration and reason.
+    for line in results.run_notes(document["runs"]):
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+    external = results.external_lines(document["runs"])
+    if external:
+        console.print("  External programs: ms/step is the steady state (the median interval "
+                      "between step lines after the first), unless marked end-to-end / N:",
                       highlight=False, soft_wrap=True)
+    for line in external:
+        console.print(f"    {line}", highlight=False, markup=False, soft_wrap=True)
     if any(run.get("test_hook") for run in document["runs"]):
         console.print(f"  Test hook: backends registered by {EXTRA_BACKENDS_ENV_VAR} ran; "
                       f"their runs are marked \"test_hook\" in the result file.",

@@ -3,8 +3,9 @@
 reads it by.
 
 A run record is a JSON object: backend, dtype, device, config, steps, `status` (Status; every
-status but ok carries `error`) and the sections "setup" (seconds), "train" (losses, step
-times and their statistics), "infer" (samples, throughput) and "parity". The tables read a few
+status but ok carries `error`, except an external program's different init, which carries a
+`note`) and the sections "setup" (seconds), "train" (losses, step times and their
+statistics), "infer" (samples, throughput) and "parity". The tables read a few
 numbers of it (Figure); a summary row (bench.stats.summarize_runs) holds the same numbers under
 the same keys, combined over repeats, plus the row-only keys below.
 """
@@ -28,6 +29,14 @@ class Status(str, Enum):
     # An --external program that trains sanely from its own initialisation: timed, but its
     # losses cannot be checked against the reference.
     DIFFERENT_INIT = "different init"
+    # Whole-run verdicts of an external program (bench.external, SPEC.md "External programs"):
+    # it exited 0 without printing every step 1..N (or every sample it announced); a printed
+    # loss is off the reference by more than its print rounding allows; its samples are not
+    # the reference's; it could not be started (not found, not executable, exit 126/127).
+    INCOMPLETE = "incomplete"
+    LOSS_DIFFERS = "loss differs"
+    SAMPLES_DIFFER = "samples differ"
+    CANNOT_START = "cannot start"
 
     # The value in f-strings and str() on every Python version (3.11 changed Enum's format).
     __str__ = str.__str__
@@ -74,6 +83,11 @@ FLOPS_PER_STEP = Figure(TRAIN, "flops_per_step")  # the spec's work, real length
 # Process start to exit of the worker, as `time` would measure a program: interpreter start,
 # imports, data, compile, the suite's warm-up steps, training, sampling, teardown.
 END_TO_END_S = Figure("", "wall_s")
+# How an external program's ms/step was measured (bench.external): its steady state, read from
+# the arrival times of its step lines, or, where those arrive in batches, end-to-end time / N.
+TIMING_BASIS = Figure(TRAIN, "ms_per_step_basis")
+BASIS_STEADY_STATE = "steady state"
+BASIS_END_TO_END = "end-to-end / N"
 # The phases of a run (seconds), for the chart of where the time goes.
 IMPORT_S, DATA_S, INIT_S, WARMUP_S = (Figure(SETUP, key) for key in (
     "import_s", "data_s", "init_s", "warmup_s"))

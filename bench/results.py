@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,11 @@ from bench.files import RESULTS_DIR, display, write_atomically
 from bench.record import (CI_HIGH, CI_LOW, COMPILE_S, DIVISION, END_TO_END_S, FINAL_LOSS,
                           FIRST_STEP_MS, GFLOPS, MEDIAN_MS, PERCENT_OF_PEAK, SAMPLING_S,
                           SPEEDUP_VS_NUMPY, SPEEDUP_VS_SLOWEST, STEP_IQR_MS, STEP_MS,
-                          TIMED_STATUSES, TOKENS_PER_S, TRAIN_S, TUNINGS, Status)
+                          TIMED_STATUSES, TIMING_BASIS, BASIS_STEADY_STATE, TOKENS_PER_S,
+                          TRAIN_S, TUNINGS, Status)
 
 SAMPLING_S_KEY = SAMPLING_S.key
-from bench.stats import several_configs, summarize_runs, summary_notes
+from bench.stats import several_configs, several_step_counts, summarize_runs, summary_notes
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -325,7 +327,21 @@ def _fmt(value, spec: str) -> str:
 
 
 def _speedup(value) -> str:
-    return "-" if value is None else format(value, ".2f" if value < 10 else ".1f") + "x"
+    """A ratio of medians with its digits at any size: `7.42x faster`, `1,724.0x slower`
+    (`1.00x` for the row itself)."""
+    if value is None:
+        return "-"
+    return "1.00x" if round(value, 2) == 1 else ratio_text(value)
+
+
+def ms_per_step_cell(row: dict) -> str:
+    """The median ms/step, marked where it is not a per-step median: an external program
+    whose step lines arrived in batches is timed end-to-end / N (bench.external)."""
+    value = row.get(MEDIAN_MS.key)
+    if value is None:
+        return "-"
+    basis = row.get(TIMING_BASIS.key)
+    return f"{value:.4f}" + ("" if basis in (None, BASIS_STEADY_STATE) else f" ({basis})")
 
 
 def _ci(row: dict) -> str:
@@ -356,10 +372,11 @@ def _speedup_column(title: str, field: str) -> Column:
 
 
 CONFIG_COLUMN = _text("config")
+STEPS_COLUMN = Column("steps", "steps", lambda row: _fmt(row.get("steps"), ","))
 SUMMARY_COLUMNS = (
     _text("backend"), _text(DIVISION), _text("device"), _text("dtype"), CONFIG_COLUMN,
-    _text("status"),
-    Column("ms/step (median)", MEDIAN_MS.key, ".4f"),
+    STEPS_COLUMN, _text("status"),
+    Column("ms/step (median)", MEDIAN_MS.key, ms_per_step_cell),
     Column("95% CI", CI_LOW, _ci),
     Column("step IQR", STEP_IQR_MS.key, ".4f"),
     Column("first step ms", FIRST_STEP_MS.key, ".3f"),
@@ -378,9 +395,11 @@ SUMMARY_COLUMNS = (
 
 
 def summary_columns(rows: list[dict]) -> list[Column]:
-    """The columns of these rows' table: the config column only when they differ in config."""
+    """The columns of these rows' table: the config column only when they differ in config,
+    the steps column only when they differ in steps."""
     return [column for column in SUMMARY_COLUMNS
-            if column is not CONFIG_COLUMN or several_configs(rows)]
+            if (column is not CONFIG_COLUMN or several_configs(rows))
+            and (column is not STEPS_COLUMN or several_step_counts(rows))]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -403,6 +422,114 @@ TABLE_FOOTNOTE = (
     "(imports, data, compile, the suite's warm-up steps, training, sampling). \"GFLOP/s\" is "
     "the spec's arithmetic per step (real lengths, no padding) over the median step time; "
     "\"% of peak\" sets it against this machine's measured single-core float32 peak.")
+# Under a table with external programs (device "external"): what their figures are instead.
+EXTERNAL_FOOTNOTE = (
+    "External programs (device \"external\") are timed from outside, from the arrival of "
+    "their step lines: their ms/step is the steady state, the median interval between "
+    "consecutive step lines after the first (steps 2..N, as for the backends, but including "
+    "whatever the program does between two lines, its printing too), and \"step IQR\" the "
+    "spread of those intervals; where their lines arrive in batches (buffered output) there "
+    "is no steady state and ms/step is \"end-to-end / N\", marked so. Their \"end-to-end s\" "
+    "is the program from launch to exit; \"first step ms\", \"total s\" and \"compile s\" "
+    "are not measured for them (the time to their first step line is under \"External "
+    "programs\").")
+
+
+def table_footnote(rows: list[dict]) -> str:
+    """The note under a summary table, with what external rows' figures are when it has
+    any."""
+    if any(row.get("kind") == "external" for row in rows):
+        return TABLE_FOOTNOTE + " " + EXTERNAL_FOOTNOTE
+    return TABLE_FOOTNOTE
+
+
+def describe_timing(timing: dict) -> str:
+    """An external program's timing (bench.external.line_timing) in one line for the terminal
+    and the Markdown: each figure named for what it is."""
+    steady = timing.get("steady_state")
+    parts = []
+    if steady:
+        parts.append(f"steady state {steady['median']:.4f} ms/step (median of "
+                     f"{steady['intervals']:,} intervals between step lines, IQR "
+                     f"{steady['iqr']:.4f} ms)")
+    else:
+        parts.append(f"{timing['end_to_end_per_step_ms']:.4f} ms/step = end-to-end / N (no "
+                     f"steady state: {timing.get('steady_state_unavailable')})")
+    if timing.get("first_step_line_s") is not None:
+        parts.append(f"first step line after {timing['first_step_line_s']:.3f} s")
+    parts.append(f"end to end {timing['end_to_end_s']:.3f} s")
+    return ", ".join(parts)
+
+
+def external_lines(runs: list[dict]) -> list[str]:
+    """How each external program was run and timed, one line per configuration: its timing
+    (steady state, first step line, end to end), its precision and the command that ran it,
+    quoted to paste back (the terminal prints them too)."""
+    lines = []
+    for key, group in _configurations(runs, lambda run: run.get("kind") == "external"):
+        # A run that did not pass is not timed, whatever its lines' arrival times say.
+        timed = [run for run in group
+                 if run.get("timing") and run.get("status") in TIMED_STATUSES]
+        latest = (timed or group)[-1]
+        where = f" in `{latest['directory']}`" if latest.get("directory") else ""
+        described = (f", described by `{latest['description']}`"
+                     if latest.get("description") else "")
+        what = [f"`{shlex.join(latest.get('command') or [])}`{where}{described}",
+                f"precision {latest.get('precision') or 'not declared'}"]
+        if timed:
+            what.append(describe_timing(latest["timing"])
+                        + (f" (run #{latest.get('repeat', 0) + 1} of {len(group)})"
+                           if len(group) > 1 else ""))
+        lines.append(f"{key}: " + "; ".join(what))
+    return lines
+
+
+def external_markdown(runs: list[dict]) -> str:
+    lines = external_lines(runs)
+    if not lines:
+        return ""
+    return "\n".join(["## External programs", "", *(f"- {line}" for line in lines)]) + "\n"
+
+
+def _configurations(runs: list[dict], keep) -> list[tuple[str, list[dict]]]:
+    """The runs `keep` keeps, grouped by configuration (name, dtype and step count), in order,
+    as `name (dtype)` labels, `name (dtype, N steps)` where the runs differ in steps."""
+    several_counts = several_step_counts(runs)
+    groups: dict[str, list[dict]] = {}
+    for run in filter(keep, runs):
+        steps = run.get("steps")
+        label = f"{run['backend']} ({run.get('dtype')}" + (
+            f", {steps:,} steps)" if several_counts and isinstance(steps, int) else ")")
+        groups.setdefault(label, []).append(run)
+    return list(groups.items())
+
+
+def run_notes(runs: list[dict], keep=lambda run: run.get("status") != Status.OK) -> list[str]:
+    """One line per configuration and reason for the runs `keep` keeps (those that did not
+    pass): a reason that every repeat shares is said once, with the repeats it applies to."""
+    lines = []
+    repeated = any(run.get("repeat") for run in runs)
+    for label, group in _configurations(runs, keep):
+        reasons: dict[tuple, list[dict]] = {}
+        for run in group:
+            reasons.setdefault((run["status"], run.get("error") or run.get("note") or ""),
+                               []).append(run)
+        for (status, reason), same in reasons.items():
+            which = ""
+            if repeated:
+                numbers = ", ".join(f"#{run.get('repeat', 0) + 1}" for run in same)
+                which = f" (run {numbers})" if len(same) == 1 else f" (runs {numbers})"
+            lines.append(f"{label}{which}: {status}: {reason}")
+    return lines
+
+
+def command_text(command: list[str]) -> str:
+    """The command a result file was made with, quoted so that it pastes back into a shell
+    (`python bench.py ...` when it was bench.py)."""
+    if not command:
+        return ""
+    prefix = "python " if str(command[0]).endswith(".py") else ""
+    return prefix + shlex.join(str(part) for part in command)
 
 
 def limits_lines(environment: dict) -> list[str]:
@@ -475,7 +602,7 @@ def markdown_report(document: dict) -> str:
            or "none"),
         f"- Commit: `{(env.get('git') or {}).get('commit') or 'unknown'}`"
         + (" (uncommitted changes)" if (env.get("git") or {}).get("dirty") else ""),
-        f"- Command: `{' '.join(document.get('command', []))}`",
+        f"- Command: `{command_text(document.get('command', []))}`",
         "" if document.get("complete") else "- **Incomplete**: the run was stopped early.",
         *([f"- **Test hook**: {', '.join(sorted((document['test_hook'].get('backends') or {})))} "
            f"registered by {document['test_hook'].get('variable')} (test backends, not "
@@ -483,9 +610,11 @@ def markdown_report(document: dict) -> str:
           if isinstance(document.get("test_hook"), dict) else []),
         "",
         markdown_table(rows),
-        TABLE_FOOTNOTE,
+        table_footnote(rows),
         *(["", *limits_lines(env)] if limits_lines(env) else []),
     ]
+    if external_markdown(document.get("runs", [])):
+        parts += ["", external_markdown(document.get("runs", []))]
     if tuning_markdown(rows):
         parts += ["", tuning_markdown(rows)]
     tuned = {row["backend"]: row.get(TUNINGS) for row in rows if row.get(DIVISION) == "tuned"}
@@ -504,16 +633,13 @@ def markdown_report(document: dict) -> str:
     if notes:
         parts += ["", "## Warnings", ""] + [f"- {note}" for note in notes]
     runs = document.get("runs", [])
-    for title, selected in (
-            ("Runs that did not pass", [run for run in runs
-                                        if run.get("status") not in TIMED_STATUSES]),
+    for title, keep in (
+            ("Runs that did not pass", lambda run: run.get("status") not in TIMED_STATUSES),
             ("Timed but not verifiable against the reference",
-             [run for run in runs if run.get("status") in TIMED_STATUSES
-              and run.get("status") != Status.OK])):
-        if selected:
-            parts += ["", f"## {title}", ""]
-            parts += [f"- {run['backend']} ({run.get('dtype')}): {run['status']}: "
-                      f"{run.get('error', '')}" for run in selected]
+             lambda run: run.get("status") in TIMED_STATUSES and run.get("status") != Status.OK)):
+        notes = run_notes(runs, keep)
+        if notes:
+            parts += ["", f"## {title}", ""] + [f"- {line}" for line in notes]
     return "\n".join(parts) + "\n"
 
 

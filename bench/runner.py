@@ -185,17 +185,26 @@ class _Reaper:
 REAPER = _Reaper()
 
 
-def _read_lines(stream, handle, limit: int = MAX_LINE_BYTES) -> None:
+def _read_lines(stream, handle, limit: int = MAX_LINE_BYTES, on_read=None) -> None:
     """Call `handle(text)` for every line of a binary stream until end-of-file. Lines end at
     \n, \r or \r\n (programs that redraw a line print \r); a line longer than `limit` bytes
-    is cut there and its rest dropped, so memory stays bounded."""
-    pending, dropping = b"", False
+    is cut there and its rest dropped, so memory stays bounded. `on_read()` is called once per
+    read, before the lines it completed are handled (bench.external times step lines by it).
+
+    A line is handled in the read that brings its end, \r included, so its arrival time is
+    that of the program's write; the \n of a \r\n split between two reads is skipped."""
+    pending, dropping, after_carriage_return = b"", False, False
     while True:
         chunk = stream.read(65536)  # unbuffered: what is there, up to 64 KiB
         if not chunk:
             break
+        if on_read is not None:
+            on_read()
+        if after_carriage_return and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        after_carriage_return = chunk.endswith(b"\r")
         pending += chunk
-        parts = re.split(rb"\r\n|\r(?!$)|\n", pending)
+        parts = re.split(rb"\r\n|\r|\n", pending)
         pending = parts.pop()
         for part in parts:
             if not dropping:
@@ -215,17 +224,19 @@ def _kept(line: str) -> str:
 
 
 def supervise(argv: list[str], *, timeout_s: float, memory_limit_mb: int | None = None,
-              env: dict | None = None, cwd=None, on_stdout_line=None) -> ProcessOutcome:
+              env: dict | None = None, cwd=None, on_stdout_line=None, on_stdout_read=None,
+              on_stderr_line=None) -> ProcessOutcome:
     """Run `argv` in a process group of its own and never leave anything of it running.
 
     Each stdout line goes to `on_stdout_line` (lines it returns True for are consumed, the
-    others kept in the tail); the tails keep the last TAIL_LINES lines, each cut to
-    TAIL_LINE_CHARS. The process is waited for, not its output: when it exits, the whole
-    group is killed at once (so a background child holding its stdout cannot hold the run
-    up), then the output already written is read to its end. After `timeout_s`, on Ctrl-C or
-    SIGTERM (reported as `interrupted`, not raised), or on any error here, the group is
-    killed too. If the runner itself dies, even by kill -9, the child's parent-death signal
-    (Linux) and the reaper process kill the group."""
+    others kept in the tail), and `on_stdout_read()` is called at each read of stdout, before
+    its lines (their arrival time); each stderr line goes to `on_stderr_line` too. The tails
+    keep the last TAIL_LINES lines, each cut to TAIL_LINE_CHARS. The process is waited for,
+    not its output: when it exits, the whole group is killed at once (so a background child
+    holding its stdout cannot hold the run up), then the output already written is read to its
+    end. After `timeout_s`, on Ctrl-C or SIGTERM (reported as `interrupted`, not raised), or
+    on any error here, the group is killed too. If the runner itself dies, even by kill -9,
+    the child's parent-death signal (Linux) and the reaper process kill the group."""
     on_stdout_line = on_stdout_line or (lambda line: False)
     outcome = ProcessOutcome()
     stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -260,11 +271,18 @@ def supervise(argv: list[str], *, timeout_s: float, memory_limit_mb: int | None 
         if not consumed:
             stdout_tail.append(_kept(text))
 
+    def on_stderr(text: str) -> None:
+        stderr_tail.append(_kept(text))
+        if on_stderr_line is not None:
+            try:
+                on_stderr_line(text)
+            except Exception:  # as for stdout: the tail is kept whatever the callback does
+                pass
+
     readers = [threading.Thread(target=_read_lines, args=(process.stdout, on_stdout),
-                                daemon=True),
-               threading.Thread(target=_read_lines,
-                                args=(process.stderr, lambda text: stderr_tail.append(
-                                    _kept(text))), daemon=True)]
+                                kwargs={"on_read": on_stdout_read}, daemon=True),
+               threading.Thread(target=_read_lines, args=(process.stderr, on_stderr),
+                                daemon=True)]
     deadline = started + timeout_s
     try:
         for reader in readers:

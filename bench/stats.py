@@ -24,7 +24,8 @@ import statistics
 from bench.record import (CI_HIGH, CI_LOW, DIVISION, FINAL_LOSS, FIRST_STEP_MS,
                           FLOPS_PER_STEP, GFLOPS, MEDIAN_MS, PERCENT_OF_PEAK, REPEATS,
                           ROW_FIGURES, SAMPLING_ROW_KEY, SAMPLING_S, SPEEDUP_VS_NUMPY,
-                          SPEEDUP_VS_SLOWEST, STEP_MS, TRAIN_S, TUNINGS, is_timed, losses_of)
+                          SPEEDUP_VS_SLOWEST, STEP_MS, TIMING_BASIS, TRAIN_S, TUNINGS, is_timed,
+                          losses_of)
 
 CONFIDENCE = 0.95
 # A run-to-run spread (IQR over the median, or standard deviation over the mean) above this is
@@ -365,10 +366,11 @@ def summarize_runs(runs: list[dict], peak_gflops: float | None = None) -> list[d
                DIVISION: group[0].get(DIVISION), TUNINGS: group[0].get(TUNINGS) or [],
                "config": config_label(config), "config_key": config_key(config),
                "steps": group[0].get("steps") or (config or {}).get("num_steps"),
-               "warnings": []}
+               "kind": group[0].get("kind"), "warnings": []}
         if not timed:
             last = group[-1]
-            row.update({"status": last.get("status", "?"), "error": last.get("error"),
+            row.update({"status": last.get("status", "?"),
+                        "error": last.get("error") or last.get("note"),
                         FINAL_LOSS: (losses_of(last) or [None])[-1]})
             rows.append(row)
             continue
@@ -378,6 +380,11 @@ def summarize_runs(runs: list[dict], peak_gflops: float | None = None) -> list[d
         for figure in ROW_FIGURES:
             values = _values(timed, figure)
             row[figure.key] = statistics.median(values) if values else None
+        # An external program's ms/step: its steady state or its end-to-end time / N
+        # (bench.external); repeats measured both ways are "mixed".
+        bases = set(_values(timed, TIMING_BASIS))
+        if bases:
+            row[TIMING_BASIS.key] = bases.pop() if len(bases) == 1 else "mixed"
         sampling = _values(timed, SAMPLING_S)
         row[SAMPLING_ROW_KEY] = statistics.median(sampling) if sampling else None
         row[FINAL_LOSS] = losses_of(timed[0])[-1]
@@ -418,10 +425,20 @@ def summary_notes(rows: list[dict]) -> list[str]:
     notes = [f"{row['backend']} {row['dtype']}"
              + (f" ({row['config']})" if several_configs(rows) else "") + f": {warning}"
              for row in rows for warning in row.get("warnings", [])]
+    if several_step_counts(rows):
+        counts = sorted({row["steps"] for row in rows if row.get("steps")})
+        notes.append(f"rows of different step counts share this table "
+                     f"({', '.join(f'{count:,}' for count in counts)} steps; see the steps "
+                     f"column): ms/step compares, but totals, end-to-end times and final "
+                     f"losses do not, and each count has its own learning-rate schedule")
     if any(row.get("n") == 1 for row in rows):
         notes.append("single runs: no run-to-run spread or confidence interval; use --repeat 5 "
                      "(each repeat a fresh process) for numbers you can compare")
     return notes
+
+
+def several_step_counts(rows: list[dict]) -> bool:
+    return len({row.get("steps") for row in rows if row.get("steps")}) > 1
 
 
 def several_configs(rows: list[dict]) -> bool:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import report, results
 from bench.command import ExitCode
 from backends.contract import preset
-from tests.test_stats import synthetic_document
+from tests.test_stats import synthetic_document, synthetic_run
 
 CONFIGS = (("numpy", "float32", 0.3), ("numpy", "float64", 0.35), ("python", "float64", 25.0))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -99,3 +99,54 @@ def test_bad_input_exits_2(tmp_path, capsys):
     bad.write_text(json.dumps({"suite": "microgpt-bench", "schema_version": 0, "runs": []}))
     assert report.main([str(bad), "--out", str(tmp_path / "out")]) == ExitCode.USAGE
     assert "schema_version 0" in capsys.readouterr().err
+
+
+# ---- external programs' rows ---------------------------------------------------------------
+def external_run(name, ms, steps=60, repeat=0, status="ok", basis="steady state", **extra):
+    """An external program's run record as bench.external writes it (timed from its lines)."""
+    run = synthetic_run(name, "unknown", ms, repeat, steps=steps, status=status, noise=0)
+    run.pop("error", None)
+    run.update(kind="external", device="external", command=["python3", "port.py"], **extra)
+    run["train"]["ms_per_step_basis"] = basis
+    run["timing"] = {"basis": basis, "steady_state": {"median": ms, "iqr": 0.1, "intervals":
+                                                      steps - 1},
+                     "first_step_line_s": 2.5, "end_to_end_s": 3.0 + steps * ms * 1e-3,
+                     "end_to_end_per_step_ms": (3.0 + steps * ms * 1e-3) / steps * 1e3}
+    return run
+
+
+def test_external_rows_read_right():
+    document = synthetic_document(repeats=0)
+    document["runs"].append(synthetic_run("numpy", "float32", 0.3, noise=0))
+    document["command"] = ["bench.py", "--external", "slow=python3 port.py --steps 100"]
+    note = "step 1 loss 3.6 is not the reference's 3.366: another initialisation"
+    document["runs"] += [
+        external_run("slow", 0.3 * 1724),  # vs numpy: 1,724 times slower
+        external_run("buffered", 2.0, basis="end-to-end / N"),
+        external_run("short", 1.0, steps=100),
+        *(external_run("ownit", 1.0, repeat=k, status="different init", note=note)
+          for k in range(2)),
+        *(external_run("cut", 1.0, repeat=k, status="incomplete",
+                       error="cut exited 0 after printing step 10 of 60") for k in range(2)),
+    ]
+    markdown = results.markdown_report(document)
+    slow = next(line for line in markdown.splitlines() if line.startswith("| slow |"))
+    assert "1,724.0x slower" in slow
+    buffered = next(line for line in markdown.splitlines() if line.startswith("| buffered |"))
+    assert "2.0000 (end-to-end / N)" in buffered
+    # Rows of 60 and 100 steps: a steps column and a warning.
+    assert "| steps |" in markdown and "rows of different step counts" in markdown
+    assert "External programs (device \"external\") are timed from outside" in markdown
+    assert "- slow (unknown, 60 steps): `python3 port.py`; precision not declared; steady " \
+           "state 517.2000 ms/step" in markdown
+    # A note said once per configuration, a different init's note not as an error.
+    assert markdown.count("cut exited 0 after printing step 10 of 60") == 1
+    assert "cut (unknown, 60 steps) (runs #1, #2): incomplete:" in markdown
+    assert "ownit (unknown, 60 steps) (runs #1, #2): different init: " + note in markdown
+    assert ("- Command: `python bench.py --external 'slow=python3 port.py --steps 100'`"
+            in markdown)
+
+
+def test_footnote_without_external_rows_is_the_backends_alone():
+    markdown = results.markdown_report(synthetic_document(CONFIGS, repeats=1))
+    assert "External programs" not in markdown and "| steps |" not in markdown
