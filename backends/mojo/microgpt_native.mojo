@@ -21,6 +21,8 @@ from std.sys import llvm_intrinsic, simd_width_of
 from std.time import perf_counter_ns
 
 comptime RMS_EPS = 1e-5
+# Timing points inside the fast step (profile()'s breakdown); off in the build that is measured.
+comptime PROFILE_PHASES = False
 
 
 # ---- raw buffer views ---------------------------------------------------------------------------
@@ -104,7 +106,13 @@ def fast_sqrt[dt: DType, w: Int](x_in: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_f
     counts as that: its root is far below Adam's eps, the only thing it is added to, and the
     Newton steps then never meet a subnormal (which costs a microcode assist each)."""
     comptime tiny = 1e-37 if dt == DType.float32 else 1e-200
-    var x = max(x_in, SIMD[dt, w](tiny))
+    return fast_sqrt_normal(max(x_in, SIMD[dt, w](tiny)))
+
+
+@always_inline
+def fast_sqrt_normal[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
+    """fast_sqrt for x that is normal and positive (Adam passes v / bc2 + tiny, which is:
+    one FMA instead of a product and a maximum)."""
     var y = _rsqrt14(x)
     var s = x * y
     var h = y * 0.5
@@ -813,6 +821,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
     var fo_dqkv: Int  # [N, 3C]
     var fo_dact: Int  # [N, F]
     var fo_datt: Int  # [S, C]
+    var fo_lse: Int  # [N + 16] softmax sums, then [N + 16] target logits minus the maximum
     var fo_layers: Int
     var fl_xin: Int  # [N, C]
     var fl_s1: Int  # [N]
@@ -826,6 +835,8 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
     var fl_hid: Int  # [N, F] before relu
     var fl_act: Int  # [N, F] after relu
     var fl_stride: Int
+    var phase_ns: List[Int]  # PROFILE_PHASES: nanoseconds per part of the fast step
+    var phase_clock: Int
 
     def __init__(
         out self,
@@ -943,6 +954,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         self.fo_dqkv = 0
         self.fo_dact = 0
         self.fo_datt = 0
+        self.fo_lse = 0
         self.fo_layers = 0
         self.fl_xin = 0
         self.fl_s1 = 0
@@ -956,6 +968,8 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         self.fl_hid = 0
         self.fl_act = 0
         self.fl_stride = 0
+        self.phase_ns = List[Int](length=32, fill=0)
+        self.phase_clock = 0
         if self.fast:
             self.fast_resize(block + 4 - block % 4)
 
@@ -1209,6 +1223,8 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         size += rows * FF
         self.fo_datt = size
         size += S * FC
+        self.fo_lse = size
+        size += 2 * (rows + 16)
         self.fo_layers = size
         var field = 0
         self.fl_xin = field
@@ -1321,6 +1337,15 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             var own = (start + t) * FQ
             dqkv.store[16](own, dqkv.load[16](own) + dq)
 
+    @always_inline
+    def mark(mut self, k: Int):
+        """PROFILE_PHASES: charges the time since the previous mark to part k."""
+        comptime if PROFILE_PHASES:
+            var now = perf_counter_ns()
+            if k >= 0:
+                self.phase_ns[k] += Int(now) - self.phase_clock
+            self.phase_clock = Int(now)
+
     def fast_loss_and_backward(mut self, rows: Int) -> Float64:
         """Computes loss_and_backward for the fast path: all positions of the batch at once."""
         comptime V16 = SIMD[Self.dtype, 16]
@@ -1337,6 +1362,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var p = view(self.params)
         var g = view(self.grads)
         var wt = view(self.wt)
+        self.mark(-1)
 
         # Embeddings, then the first rmsnorm.
         var x0 = fa.at(self.fo_layers + self.fl_xin)
@@ -1351,6 +1377,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 x0.store[16](r * FC, e * s0)
                 r += 1
 
+        self.mark(0)
         for layer in range(self.n_layer):
             var a = self.fo_layers + layer * self.fl_stride
             var wl = wt.at(layer * FAST_LAYER)
@@ -1361,54 +1388,98 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 var s1 = rms16(x)
                 fa[a + self.fl_s1 + i] = s1
                 xn.store[16](i * FC, x * s1)
+            self.mark(1)
             mm_forward[Self.dtype, FC, FQ, False](fa.at(a + self.fl_qkv), xn, wl, xn, n)
+            self.mark(2)
             var start = 0
             for b in range(rows):
                 self.fast_attention(a, start, self.lengths[b])
                 start += self.lengths[b]
+            self.mark(3)
             var x_mid = fa.at(a + self.fl_xmid)
             mm_forward[Self.dtype, FC, FC, True](
                 x_mid, fa.at(a + self.fl_heads), wl.at(3 * FC * FC), x_in, n
             )
+            self.mark(4)
             var xn2 = fa.at(a + self.fl_xn2)
             for i in range(n):
                 var x = x_mid.load[16](i * FC)
                 var s2 = rms16(x)
                 fa[a + self.fl_s2 + i] = s2
                 xn2.store[16](i * FC, x * s2)
+            self.mark(5)
             var hid = fa.at(a + self.fl_hid)
             var act = fa.at(a + self.fl_act)
             mm_forward[Self.dtype, FC, FF, False](hid, xn2, wl.at(4 * FC * FC), xn2, n)
             for i in range(n4 * FF // 16):
                 act.store[16](i * 16, max(hid.load[16](i * 16), V16(0)))
+            self.mark(6)
             var x_out = fa.at(self.fo_xf)
             if layer + 1 < self.n_layer:
                 x_out = fa.at(a + self.fl_stride + self.fl_xin)
             mm_forward[Self.dtype, FF, FC, True](
                 x_out, act, wl.at(4 * FC * FC + FF * FC), x_mid, n
             )
+            self.mark(7)
 
         # Logits, softmax, loss and d loss / d logits = (softmax - onehot) / count.
         var dlog = fa.at(self.fo_dlog)
         var xf = fa.at(self.fo_xf)
         var lm_t = wt.at(self.n_layer * FAST_LAYER)
         mm_forward[Self.dtype, FC, FV, False](dlog, xf, lm_t, xf, n)
-        var valid = iota[Self.dtype, FV]().lt(SIMD[Self.dtype, FV](Self.Scalar(V)))
+        self.mark(8)
+        var lanes = iota[Self.dtype, FV]()
+        var valid = lanes.lt(SIMD[Self.dtype, FV](Self.Scalar(V)))
         var weight = Self.Scalar(1) / Self.Scalar(n)
         var loss_sum = Self.Scalar(0)
-        r = 0
-        for b in range(rows):
-            for t in range(self.lengths[b]):
-                var logits = dlog.load[FV](r * FV)
-                var top = valid.select(logits, Self.Scalar.MIN_FINITE).reduce_max()
-                var e = valid.select(exp(logits - top), SIMD[Self.dtype, FV](0))
-                var probs = e * (1 / e.reduce_add())
-                var target = self.tokens[b * stride + t + 1]
-                loss_sum -= log(probs[target])
-                var d = probs * weight
-                d[target] -= weight
-                dlog.store[FV](r * FV, d)
-                r += 1
+        comptime if Self.dtype == DType.float32:
+            # log p = (logit - max) - log(sum exp(logit - max)), as numpy_backend has it: the
+            # sums and the target logits are collected, then one vector log covers 16
+            # positions (a scalar log per position, and indexing a SIMD value by the target,
+            # cost more than the rest of the softmax).
+            var totals = fa.at(self.fo_lse)
+            var target_logits = fa.at(self.fo_lse + self.fcap + 16)
+            r = 0
+            for b in range(rows):
+                for t in range(self.lengths[b]):
+                    var logits = dlog.load[FV](r * FV)
+                    var top = valid.select(logits, Self.Scalar.MIN_FINITE).reduce_max()
+                    var e = valid.select(exp(logits - top), SIMD[Self.dtype, FV](0))
+                    var total = e.reduce_add()
+                    var probs = e * (1 / total)
+                    var target = self.tokens[b * stride + t + 1]
+                    totals[r] = total
+                    target_logits[r] = dlog[r * FV + target] - top
+                    var onehot = lanes.eq(SIMD[Self.dtype, FV](Self.Scalar(target)))
+                    dlog.store[FV](r * FV, probs * weight - onehot.select(weight, Self.Scalar(0)))
+                    r += 1
+            var loss_lanes = SIMD[Self.dtype, 16](0)
+            var chunk = 0
+            while chunk < n:
+                var live = (iota[Self.dtype, 16]() + Self.Scalar(chunk)).lt(Self.Scalar(n))
+                var sums = live.select(totals.load[16](chunk), SIMD[Self.dtype, 16](1))
+                var shifted = live.select(
+                    target_logits.load[16](chunk), SIMD[Self.dtype, 16](0)
+                )
+                loss_lanes += log(sums) - shifted
+                chunk += 16
+            loss_sum = loss_lanes.reduce_add()
+        else:
+            # float64 keeps log(softmax[target]): with the sums' log the losses moved from
+            # 7e-14 to 2e-13 off the reference (the parity tests allow 1e-12).
+            r = 0
+            for b in range(rows):
+                for t in range(self.lengths[b]):
+                    var logits = dlog.load[FV](r * FV)
+                    var top = valid.select(logits, Self.Scalar.MIN_FINITE).reduce_max()
+                    var e = valid.select(exp(logits - top), SIMD[Self.dtype, FV](0))
+                    var probs = e * (1 / e.reduce_add())
+                    var target = self.tokens[b * stride + t + 1]
+                    loss_sum -= log(probs[target])
+                    var onehot = lanes.eq(SIMD[Self.dtype, FV](Self.Scalar(target)))
+                    dlog.store[FV](r * FV, probs * weight - onehot.select(weight, Self.Scalar(0)))
+                    r += 1
+        self.mark(9)
 
         # Backward. Matrix gradients are written whole (every position at once); the
         # embedding gradients are scattered, so they start from zero.
@@ -1423,6 +1494,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var dqkv = fa.at(self.fo_dqkv)
         mm_weight_grad[Self.dtype, FC, FV](g.at(self.lm_head()), dlog, xf, n, V)
         mm_input_grad[Self.dtype, FC, FV](dx, dlog, p.at(self.lm_head()), n, V)
+        self.mark(10)
         for layer in reversed(range(self.n_layer)):
             var a = self.fo_layers + layer * self.fl_stride
             var offset = self.layer_params(layer)
@@ -1433,35 +1505,42 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             # MLP block
             mm_weight_grad[Self.dtype, FF, FC](gw.at(fc2), dx, fa.at(a + self.fl_act), n, FC)
             mm_input_grad[Self.dtype, FF, FC](dact, dx, w.at(fc2), n, FC)
+            self.mark(11)
             var hid = fa.at(a + self.fl_hid)
             for i in range(n4 * FF // 16):
                 var h = hid.load[16](i * 16)
                 dact.store[16](i * 16, h.gt(V16(0)).select(dact.load[16](i * 16), V16(0)))
             mm_weight_grad[Self.dtype, FC, FF](gw.at(fc1), dact, fa.at(a + self.fl_xn2), n, FF)
             mm_input_grad[Self.dtype, FC, FF](dxn, dact, w.at(fc1), n, FF)
+            self.mark(12)
             var x_mid = fa.at(a + self.fl_xmid)
             for i in range(n):
                 var back = rms16_backward(
                     x_mid.load[16](i * FC), fa[a + self.fl_s2 + i], dxn.load[16](i * FC)
                 )
                 dx.store[16](i * FC, dx.load[16](i * FC) + back)
+            self.mark(13)
             # Attention block
             mm_weight_grad[Self.dtype, FC, FC](
                 gw.at(3 * FC * FC), dx, fa.at(a + self.fl_heads), n, FC
             )
             mm_input_grad[Self.dtype, FC, FC](dheads, dx, w.at(3 * FC * FC), n, FC)
+            self.mark(14)
             var start = 0
             for b in range(rows):
                 self.fast_attention_backward(a, start, self.lengths[b])
                 start += self.lengths[b]
+            self.mark(15)
             mm_weight_grad[Self.dtype, FC, FQ](gw, dqkv, fa.at(a + self.fl_xn), n, FQ)
             mm_input_grad[Self.dtype, FC, FQ](dxn, dqkv, w, n, FQ)
+            self.mark(16)
             var x_in = fa.at(a + self.fl_xin)
             for i in range(n):
                 var back = rms16_backward(
                     x_in.load[16](i * FC), fa[a + self.fl_s1 + i], dxn.load[16](i * FC)
                 )
                 dx.store[16](i * FC, dx.load[16](i * FC) + back)
+            self.mark(17)
         # Embeddings: rmsnorm backward, scattered into the wte and wpe rows.
         r = 0
         for b in range(rows):
@@ -1474,6 +1553,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 var tok = self.wte() + self.tokens[b * stride + t] * FC
                 g.store[16](tok, g.load[16](tok) + d)
                 r += 1
+        self.mark(18)
         return Float64(loss_sum) / Float64(n)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -1568,7 +1648,12 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var one_minus_b2 = Self.Scalar(1 - self.beta2)
         var eps = Self.Scalar(self.eps)
         var inv_bc2 = Self.Scalar(1.0 / bias_correction2)
+        # Added to v / bc2: the root of a zero v stays finite (and tiny beside eps), and the
+        # Newton steps never see a subnormal; it does not change a v / bc2 above about 1e-30
+        # (float32) or 1e-184 (float64).
+        var tiny = SIMD[Self.dtype, Wd](1e-37 if Self.dtype == DType.float32 else 1e-200)
         var step_size = Self.Scalar(learning_rate / bias_correction1)
+        self.mark(-1)
         var p = view(self.params)
         var g = view(self.grads)
         var m = view(self.adam_m)
@@ -1580,7 +1665,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             var vi = v.load[Wd](i) * b2 + gi * gi * one_minus_b2
             m.store[Wd](i, mi)
             v.store[Wd](i, vi)
-            var update = fast_div(mi, fast_sqrt(vi * inv_bc2) + eps) * step_size
+            var update = fast_div(mi, fast_sqrt_normal(vi.fma(inv_bc2, tiny)) + eps) * step_size
             p.store[Wd](i, p.load[Wd](i) - update)
             i += Wd
         while i < self.n_params:
@@ -1591,7 +1676,9 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             v[i] = vi
             p[i] = p[i] - mi / (sqrt(vi * inv_bc2) + eps) * step_size
             i += 1
+        self.mark(20)
         self.refresh_transposed()
+        self.mark(21)
 
     # ---- Python-facing methods (self_ptr is the Python object's Mojo value) -------------------
     @staticmethod
@@ -1757,37 +1844,41 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
 
     @staticmethod
     def py_profile(
-        self_ptr: Pointer[Self, MutAnyOrigin], sequences: PythonObject, reps: PythonObject
+        self_ptr: Pointer[Self, MutAnyOrigin], batches: PythonObject, adam: PythonObject
     ) raises -> PythonObject:
-        """Nanoseconds per call of each part of a step, over `reps` calls each: reading the
-        batch, forward and backward, Adam without the transposed copy, the transposed copy.
-        Changes the parameters (for profiling only)."""
+        """Runs real training steps (batches[i], adam[i] = (lr, bc1, bc2)) and returns the mean
+        nanoseconds per step of each part: reading the batch, forward and backward, Adam and
+        what follows it, then the summed losses (for profiling only)."""
         ref model = self_ptr[]
-        var n = Int(py=reps)
-        var t0 = perf_counter_ns()
-        var rows = 0
-        for _ in range(n):
-            rows = model.read_batch(sequences)
-        var t1 = perf_counter_ns()
+        var steps = len(batches)
+        var read_ns = 0
+        var loss_ns = 0
+        var adam_ns = 0
         var loss = 0.0
-        for _ in range(n):
+        for i in range(steps):
+            var lr = Float64(py=adam[i][0])
+            var bc1 = Float64(py=adam[i][1])
+            var bc2 = Float64(py=adam[i][2])
+            var t0 = perf_counter_ns()
+            var rows = model.read_batch(batches[i])
+            var t1 = perf_counter_ns()
             loss += model.loss_and_backward(rows)
-        var t2 = perf_counter_ns()
-        var fast = model.fast
-        model.fast = False
-        for _ in range(n):
-            model.adam(1e-12, 1.0, 1.0)
-        model.fast = fast
-        var t3 = perf_counter_ns()
-        for _ in range(n):
-            model.refresh_transposed()
-        var t4 = perf_counter_ns()
+            var t2 = perf_counter_ns()
+            model.adam(lr, bc1, bc2)
+            var t3 = perf_counter_ns()
+            read_ns += Int(t1 - t0)
+            loss_ns += Int(t2 - t1)
+            adam_ns += Int(t3 - t2)
         var result = Python.list()
-        result.append(Float64(t1 - t0) / Float64(n))
-        result.append(Float64(t2 - t1) / Float64(n))
-        result.append(Float64(t3 - t2) / Float64(n))
-        result.append(Float64(t4 - t3) / Float64(n))
+        result.append(Float64(read_ns) / Float64(steps))
+        result.append(Float64(loss_ns) / Float64(steps))
+        result.append(Float64(adam_ns) / Float64(steps))
         result.append(loss)
+        var phases = Python.list()
+        for k in range(32):
+            phases.append(Float64(model.phase_ns[k]) / Float64(steps))
+            model.phase_ns[k] = 0
+        result.append(phases)
         return result
 
     @staticmethod
