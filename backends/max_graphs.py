@@ -185,11 +185,13 @@ def training_step(config: GPTConfig, vocab_size: int, layout: ParameterLayout,
     logits = _linear(x, p["lm_head"], T)  # [N, V]
 
     # ---- loss: mean of -log softmax(logits)[target] over the real positions ----
+    # The loss from log-softmax, not log(softmax): at `large` a target's probability underflows
+    # float32 to 0 early in training (loss ~70), and log(0) would make the loss inf.
     probs = _softmax(logits)
     target_one_hot = ops.cast(targets == vocab_ids, DType.float32)  # [N, V]
-    target_probs = ops.sum(probs * target_one_hot, axis=-1)  # [N, 1]
+    target_log_probs = ops.sum(ops.logsoftmax(logits) * target_one_hot, axis=-1)  # [N, 1]
     count = ops.sum(real, axis=0)  # [1, 1]
-    loss = -ops.sum(ops.log(target_probs) * real, axis=0) / count  # [1, 1]
+    loss = -ops.sum(target_log_probs * real, axis=0) / count  # [1, 1]
     # d loss / d logits = (softmax - onehot) / n at every real position, 0 on padding.
     dlogits = (probs - target_one_hot) * (real / count)  # [N, V]
 

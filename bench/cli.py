@@ -40,7 +40,6 @@ from bench.files import RESULTS_DIR, OutputError, claim, display
 from bench.limits import harness_floor_ms, machine_peak
 from bench.external import (build_program, failed_build_record, load_description,
                             parse_external_option, run_external)
-from bench.parity import ReferenceLosses
 from bench.planning import plan_runs, select_backends
 from bench.record import MEDIAN_MS, TIMED_STATUSES, TOKENS_PER_S, Status, losses_of
 from bench.reference import ReferenceFailed, bounded_reference, bounded_reference_samples
@@ -372,7 +371,7 @@ def run_command(args, argv: list[str]) -> int:
 
     def reference_for(num_steps: int, steps: int) -> list[float]:
         if num_steps == config.num_steps:
-            return ReferenceLosses(reference[:steps], reference.float32_drift[:steps])
+            return reference.first(steps)
         return bounded_reference(spec_for(num_steps), steps, dataset, timeout_s=args.timeout,
                                  memory_limit_mb=args.memory_limit)
 

@@ -37,7 +37,7 @@ def _cached(spec, steps: int, dataset_sha256: str):
         if not path.is_file():
             return None
         cached = json.loads(path.read_text())
-        return parity.ReferenceLosses(cached["losses"], cached["float32_drift"])
+        return parity.ReferenceLosses.from_dict(cached)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -55,7 +55,7 @@ def bounded_reference(spec, steps: int, dataset, *, timeout_s: float,
                           f"the float64 reference run (numpy, {steps} steps)", timeout_s,
                           memory_limit_mb)
     try:
-        return parity.ReferenceLosses(result["losses"], result["float32_drift"])
+        return parity.ReferenceLosses.from_dict(result)
     except (KeyError, TypeError):
         raise ReferenceFailed(f"the float64 reference run (numpy, {steps} steps) wrote no "
                               f"losses") from None
@@ -168,8 +168,7 @@ def main(argv: list[str]) -> int:
         return 0
     losses = parity.reference_losses(spec, request["steps"], dataset.sha256,
                                      cache_dir=Path(_cache_dir()))
-    write_atomically(result_path, json.dumps({"losses": list(losses),
-                                              "float32_drift": losses.float32_drift}))
+    write_atomically(result_path, json.dumps(losses.to_dict()))
     return 0
 
 

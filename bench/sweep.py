@@ -6,9 +6,9 @@ backends that declare batch support), cheapest first by estimated FLOPs, each as
 parity-checked benchmark run (bench.runner.run_backend) of 200 steps. Before each run (and each
 float64 reference) its wall time is projected from the same backend's run of the previous
 preset at the same batch size, else its latest run: fixed costs as measured, training and
-sampling scaled by FLOPs. A run projected past the time left, or past --run-limit (how the slow
-python and mojo-tape rows take part only where they fit), is skipped and listed with the
-reason; one that still overruns is stopped at the end of the budget and listed the same way.
+sampling scaled by FLOPs. A run projected past the time left, or a run of the slow python and
+mojo-tape rows projected past --run-limit (they take part only where they fit), is skipped and
+listed with the reason; one that still overruns is stopped at the end of the budget and listed the same way.
 
 Writes results/sweep/<time>-<host>.json (a result file whose runs carry "sweep": preset, batch
 size, parameters, FLOPs; skipped runs under document["sweep"]["skipped"]), its Markdown table
@@ -113,8 +113,9 @@ class SweepSettings:
     num_samples: int | None = None
     repeat: int = 1
     timeout_s: float = 1800.0
-    # A run projected past this many seconds is skipped whatever the budget: how a sweep takes
-    # the slow backends (python, mojo-tape) only as far as their runs stay short.
+    # A run of a slow backend (one that only --all adds: python, mojo-tape) projected past this
+    # many seconds is skipped whatever the budget: how a sweep takes them only as far as their
+    # runs stay short, while every other backend runs at every point.
     run_limit_s: float | None = None
     dataset_path: str | None = None
     custom_dataset: bool = False
@@ -135,6 +136,7 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
     last_reference: tuple[float, SweepPoint] | None = None
     order_rng = random.Random(settings.seed)
     batch_support = {backend: backend_info(backend).batches for backend, _ in settings.pairs}
+    slow = {backend for backend, _ in settings.pairs if not backend_info(backend).in_default_run}
 
     def skip(backend, dtype, point, reason, projected=None):
         skipped.append({"backend": backend, "dtype": dtype, "preset": point.preset,
@@ -182,8 +184,8 @@ def run_sweep(settings: SweepSettings, document: dict, save, reference_for, runn
                          or last_measured.get((backend, dtype, None)))
                 if basis is not None:
                     projected = project_seconds(basis[0], basis[1], point)
-                if (projected is not None and settings.run_limit_s is not None
-                        and projected > settings.run_limit_s):
+                if (backend in slow and projected is not None
+                        and settings.run_limit_s is not None and projected > settings.run_limit_s):
                     if repeat == 0:
                         skip(backend, dtype, point, f"projected {projected:.0f} s, over the "
                              f"per-run limit (--run-limit {settings.run_limit_s:.0f} s)",
@@ -303,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"total time budget (default {DEFAULT_BUDGET_S:.0f} s); runs "
                              "projected to exceed what is left are skipped")
     parser.add_argument("--run-limit", type=float, default=None, metavar="SECONDS",
-                        help="skip a run projected to take longer than this, whatever the "
-                             "budget (how the slow python and mojo-tape rows join a sweep "
-                             "only where they fit; default: no limit)")
+                        help="skip a run of the slow rows that only --all adds (python, "
+                             "mojo-tape) projected to take longer than this, whatever the "
+                             "budget: they join the sweep only where they fit (default: no "
+                             "limit)")
     parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="kill one run after this long (default 1800)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",

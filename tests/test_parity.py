@@ -45,6 +45,32 @@ def test_reference_is_numpy_float64_and_cached(dataset, tmp_path):
     # float32 drifts a little at tiny (so the allowance is real) and never shrinks.
     assert 0 < max(first.float32_drift) < 1e-5
     assert first.float32_drift == sorted(first.float32_drift)
+    # nothing amplifies rounding in 30 steps of tiny: both dtypes' trajectories are whole
+    assert again.windows == first.windows == {"float32": 30, "float64": 30}
+
+
+def test_the_windows_end_where_rounding_is_amplified(dataset, tmp_path):
+    """At `small` (200 steps) the float64 reference passes a ReLU gate within float32's
+    resolution at step 61 (the one that separates numpy float32 from float64): the float32
+    trajectory is checked over steps 1..60, float64's over all 200."""
+    spec = build_spec(dataset.docs, preset("small", num_steps=200))
+    reference = reference_losses(spec, 200, dataset.sha256, cache_dir=tmp_path)
+    assert reference.windows == {"float32": 60, "float64": 200}
+    assert reference.trajectory_steps("float32") == 60
+    parted = list(reference[:60]) + [loss + 0.01 for loss in reference[60:]]
+    assert compare_losses(parted, reference, "float32").passed
+    assert not compare_losses(parted, reference, "float64").passed
+
+
+def test_windows_are_per_dtype():
+    reference = ReferenceLosses([2.5] * 5, float32_drift=[0] * 5,
+                                windows={"float32": 2, "float64": 4})
+    parted = [2.5, 2.5, 2.6, 2.6, 2.9]
+    assert compare_losses(parted, reference, "float32").steps_compared == 2
+    result = compare_losses(parted, reference, "float64")
+    assert not result.passed and result.worst_step == 3
+    assert ReferenceLosses.from_dict(reference.to_dict()).windows == reference.windows
+    assert reference.first(3).windows == reference.windows
 
 
 def test_the_trajectory_is_compared_while_float32_has_not_drifted():

@@ -126,10 +126,10 @@ def test_nothing_skipped_when_the_budget_allows():
 
 def test_run_limit_skips_only_the_rows_past_it():
     """--run-limit takes a slow backend only as far as its runs stay short, with its own
-    reason, and leaves the other backends' complete sweep alone."""
+    reason, and leaves the other backends' complete sweep alone, however long their runs."""
     points = sweep.sweep_points(list(sweep.PRESETS), [1, 8], 200, VOCAB)
-    tiny_s = points[0].train_flops * 200 * 1e-11  # numpy: 7 s at large b8
-    machine = FakeMachine(seconds_per_flop=1e-11, slowdown={"python": 30 / tiny_s})
+    tiny_s = points[0].train_flops * 200 * 1e-9  # numpy: 740 s at large b8
+    machine = FakeMachine(seconds_per_flop=1e-9, slowdown={"python": 30 / tiny_s})
     ran, skipped = _sweep([("numpy", "float32"), ("python", "float64")], points, 1e7,
                           machine, run_limit_s=60)
     assert ("python", "tiny") in ran and ("python", "small") not in ran
