@@ -1629,7 +1629,16 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                     probs[i] = acts[self.off_logits + t * V + i]
                 softmax_inplace(probs, V)
                 var target = self.tokens[row + t + 1]
-                loss_sum -= log(probs[target])
+                # log p = (logit - max) - log(sum exp(logit - max)), as numpy_backend has it: a
+                # target's probability underflows float32 to 0 early at `large` (loss ~70).
+                var logits = acts.at(self.off_logits + t * V)
+                var top = logits[0]
+                for i in range(1, V):
+                    top = max(top, logits[i])
+                var total = Self.Scalar(0)
+                for i in range(V):
+                    total += exp(logits[i] - top)
+                loss_sum -= (logits[target] - top) - log(total)
                 # d loss / d logits = (softmax - onehot) / count
                 scale_into(dlogits, probs, position_weight, V)
                 dlogits[target] -= position_weight
