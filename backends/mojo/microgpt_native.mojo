@@ -13,6 +13,7 @@
 # both backward products (weight and input gradients) run along contiguous rows: SIMD along
 # `in`, with four independent accumulators so that the FMA latency is hidden.
 
+from std.collections import Array
 from std.math import exp, iota, log, sqrt
 from std.os import abort
 from std.python import Python, PythonObject
@@ -466,6 +467,34 @@ def mm_forward[
 
 
 @always_inline
+def mm_forward_wide[
+    dt: DType, IN: Int, OUT: Int, RELU: Bool
+](y: Buf[dt], x: Buf[dt], wt: Buf[dt], n: Int):
+    """Like mm_forward without the residual, for OUT of several 16-lane blocks: a few
+    positions at a time with every block of the row in registers, so each x[t, i] is read
+    once rather than once per block (the same sums in the same order). With RELU,
+    y = max(x @ wt, 0), applied in the registers: storing the product and then relu in a pass
+    of its own took about as long as the product itself in float64 (profile build)."""
+    comptime BLOCKS = OUT // 16
+    comptime P = 4 if dt == DType.float32 else 2  # P * BLOCKS accumulators fit the registers
+    var t = 0
+    while t < n:
+        var acc = Array[SIMD[dt, 16], P * BLOCKS](fill=SIMD[dt, 16](0))
+        comptime for i in range(IN):
+            comptime for p in range(P):
+                var xi = x[(t + p) * IN + i]
+                comptime for j in range(BLOCKS):
+                    acc[p * BLOCKS + j] += xi * wt.load[16](i * OUT + j * 16)
+        comptime for p in range(P):
+            comptime for j in range(BLOCKS):
+                var out = acc[p * BLOCKS + j]
+                comptime if RELU:
+                    out = max(out, SIMD[dt, 16](0))
+                y.store[16]((t + p) * OUT + j * 16, out)
+        t += P
+
+
+@always_inline
 def mm_weight_grad[
     dt: DType, IN: Int, DS: Int
 ](g: Buf[dt], dy: Buf[dt], x: Buf[dt], n: Int, rows: Int):
@@ -503,6 +532,22 @@ def mm_input_grad[
     dt: DType, IN: Int, DS: Int
 ](dx: Buf[dt], dy: Buf[dt], w: Buf[dt], n: Int, rows: Int):
     """Computes dx[t, :IN] = sum_{o < rows} dy[t, o] * w[o, :IN] for t < n rounded up to 4."""
+    input_grad_kernel[dt, IN, DS, False](dx, dy, w, n, rows, dx)
+
+
+@always_inline
+def mm_input_grad_relu[
+    dt: DType, IN: Int, DS: Int
+](dx: Buf[dt], dy: Buf[dt], w: Buf[dt], n: Int, rows: Int, relu_out: Buf[dt]):
+    """mm_input_grad through a relu: dx is 0 wherever relu_out[t, :IN] is not > 0, applied in
+    the registers (as a pass of its own it cost a third of the product in float64)."""
+    input_grad_kernel[dt, IN, DS, True](dx, dy, w, n, rows, relu_out)
+
+
+@always_inline
+def input_grad_kernel[
+    dt: DType, IN: Int, DS: Int, RELU: Bool
+](dx: Buf[dt], dy: Buf[dt], w: Buf[dt], n: Int, rows: Int, relu_out: Buf[dt]):
     var t = 0
     while t < n:
         var d0 = dy.at(t * DS)
@@ -520,6 +565,12 @@ def mm_input_grad[
                 a1 += d1[o] * wv
                 a2 += d2[o] * wv
                 a3 += d3[o] * wv
+            comptime if RELU:
+                comptime zero = SIMD[dt, 16](0)
+                a0 = relu_out.load[16](t * IN + c * 16).gt(zero).select(a0, zero)
+                a1 = relu_out.load[16]((t + 1) * IN + c * 16).gt(zero).select(a1, zero)
+                a2 = relu_out.load[16]((t + 2) * IN + c * 16).gt(zero).select(a2, zero)
+                a3 = relu_out.load[16]((t + 3) * IN + c * 16).gt(zero).select(a3, zero)
             dx.store[16](t * IN + c * 16, a0)
             dx.store[16]((t + 1) * IN + c * 16, a1)
             dx.store[16]((t + 2) * IN + c * 16, a2)
@@ -832,8 +883,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
     var fl_xmid: Int  # [N, C]
     var fl_s2: Int  # [N]
     var fl_xn2: Int  # [N, C]
-    var fl_hid: Int  # [N, F] before relu
-    var fl_act: Int  # [N, F] after relu
+    var fl_act: Int  # [N, F] after relu (its sign is relu's mask in the backward pass)
     var fl_stride: Int
     var phase_ns: List[Int]  # PROFILE_PHASES: nanoseconds per part of the fast step
     var phase_clock: Int
@@ -965,7 +1015,6 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         self.fl_xmid = 0
         self.fl_s2 = 0
         self.fl_xn2 = 0
-        self.fl_hid = 0
         self.fl_act = 0
         self.fl_stride = 0
         self.phase_ns = List[Int](length=32, fill=0)
@@ -1245,8 +1294,6 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         field += rows
         self.fl_xn2 = field
         field += rows * FC
-        self.fl_hid = field
-        field += rows * FF
         self.fl_act = field
         field += rows * FF
         self.fl_stride = field
@@ -1285,6 +1332,10 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var qkv = fa.at(a + self.fl_qkv)
         var heads = fa.at(a + self.fl_heads)
         var scale = self.attention_scale
+        var within_head = SIMD[DType.int32, 16](0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3)
+        var is1 = within_head.eq(1)
+        var is2 = within_head.eq(2)
+        var is3 = within_head.eq(3)
         for t in range(n):
             var q = qkv.load[16]((start + t) * FQ)
             var arow = fa.at(a + self.fl_att + (start + t) * S * FC)
@@ -1293,11 +1344,38 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 var score = seg4_sum(q * qkv.load[16]((start + j) * FQ + FC)) * scale
                 arow.store[16](j * FC, score)
                 top = max(top, score)
+            # A score row holds each head's score 4 times (lane 4h + d, any d). Lane 4h + k of
+            # `packed` takes key j0 + k's, so one exp covers 4 keys instead of 1: the same
+            # values, lane for lane, at a quarter of the exp's work (it was a third of
+            # attention's time in float64), then spread back over the 4 lanes of each head.
             var total = SIMD[Self.dtype, 16](0)
-            for j in range(t + 1):
-                var e = exp(arow.load[16](j * FC) - top)
-                arow.store[16](j * FC, e)
-                total += e
+            var j0 = 0
+            while j0 <= t:
+                var keys = min(4, t + 1 - j0)
+                var packed = arow.load[16](j0 * FC) - top
+                if keys > 1:
+                    packed = is1.select(arow.load[16]((j0 + 1) * FC) - top, packed)
+                if keys > 2:
+                    packed = is2.select(arow.load[16]((j0 + 2) * FC) - top, packed)
+                if keys > 3:
+                    packed = is3.select(arow.load[16]((j0 + 3) * FC) - top, packed)
+                var e = exp(packed)
+                var e0 = e.shuffle[0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12]()
+                arow.store[16](j0 * FC, e0)
+                total += e0
+                if keys > 1:
+                    var e1 = e.shuffle[1, 1, 1, 1, 5, 5, 5, 5, 9, 9, 9, 9, 13, 13, 13, 13]()
+                    arow.store[16]((j0 + 1) * FC, e1)
+                    total += e1
+                if keys > 2:
+                    var e2 = e.shuffle[2, 2, 2, 2, 6, 6, 6, 6, 10, 10, 10, 10, 14, 14, 14, 14]()
+                    arow.store[16]((j0 + 2) * FC, e2)
+                    total += e2
+                if keys > 3:
+                    var e3 = e.shuffle[3, 3, 3, 3, 7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 15]()
+                    arow.store[16]((j0 + 3) * FC, e3)
+                    total += e3
+                j0 += 4
             var o = SIMD[Self.dtype, 16](0)
             var inverse = 1 / total  # one division, then products
             for j in range(t + 1):
@@ -1389,7 +1467,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 fa[a + self.fl_s1 + i] = s1
                 xn.store[16](i * FC, x * s1)
             self.mark(1)
-            mm_forward[Self.dtype, FC, FQ, False](fa.at(a + self.fl_qkv), xn, wl, xn, n)
+            mm_forward_wide[Self.dtype, FC, FQ, False](fa.at(a + self.fl_qkv), xn, wl, n)
             self.mark(2)
             var start = 0
             for b in range(rows):
@@ -1408,11 +1486,8 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 fa[a + self.fl_s2 + i] = s2
                 xn2.store[16](i * FC, x * s2)
             self.mark(5)
-            var hid = fa.at(a + self.fl_hid)
             var act = fa.at(a + self.fl_act)
-            mm_forward[Self.dtype, FC, FF, False](hid, xn2, wl.at(4 * FC * FC), xn2, n)
-            for i in range(n4 * FF // 16):
-                act.store[16](i * 16, max(hid.load[16](i * 16), V16(0)))
+            mm_forward_wide[Self.dtype, FC, FF, True](act, xn2, wl.at(4 * FC * FC), n)
             self.mark(6)
             var x_out = fa.at(self.fo_xf)
             if layer + 1 < self.n_layer:
@@ -1426,7 +1501,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var dlog = fa.at(self.fo_dlog)
         var xf = fa.at(self.fo_xf)
         var lm_t = wt.at(self.n_layer * FAST_LAYER)
-        mm_forward[Self.dtype, FC, FV, False](dlog, xf, lm_t, xf, n)
+        mm_forward_wide[Self.dtype, FC, FV, False](dlog, xf, lm_t, n)
         self.mark(8)
         var lanes = iota[Self.dtype, FV]()
         var valid = lanes.lt(SIMD[Self.dtype, FV](Self.Scalar(V)))
@@ -1504,12 +1579,11 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             var fc2 = fc1 + FF * FC
             # MLP block
             mm_weight_grad[Self.dtype, FF, FC](gw.at(fc2), dx, fa.at(a + self.fl_act), n, FC)
-            mm_input_grad[Self.dtype, FF, FC](dact, dx, w.at(fc2), n, FC)
+            # relu's output is > 0 exactly where its input was
+            mm_input_grad_relu[Self.dtype, FF, FC](
+                dact, dx, w.at(fc2), n, FC, fa.at(a + self.fl_act)
+            )
             self.mark(11)
-            var hid = fa.at(a + self.fl_hid)
-            for i in range(n4 * FF // 16):
-                var h = hid.load[16](i * 16)
-                dact.store[16](i * 16, h.gt(V16(0)).select(dact.load[16](i * 16), V16(0)))
             mm_weight_grad[Self.dtype, FC, FF](gw.at(fc1), dact, fa.at(a + self.fl_xn2), n, FF)
             mm_input_grad[Self.dtype, FC, FF](dxn, dact, w.at(fc1), n, FF)
             self.mark(12)
