@@ -31,6 +31,7 @@ from backends import backend_info
 from backends.contract import PRESETS, GPTConfig, build_spec, preset, training_flops
 from bench import report, results
 from bench.environment import collect_environment
+from bench.limits import machine_peak
 from bench.reference import ReferenceFailed, bounded_reference
 from bench.cli import MAX_REPEAT, MAX_STEPS, MAX_TIMEOUT_S, claim_result, threads_environment
 from bench.command import (ArgumentParser, ExitCode, UsageError, describe_interrupt,
@@ -377,6 +378,8 @@ def _main(args, argv: list[str], console) -> int:
         seed=args.seed)
 
     environment = collect_environment()
+    # The "% of peak" columns and the peak line of -gflops.png (cached per machine).
+    environment["peak"] = machine_peak(environment["machine_fingerprint"])
     document = results.new_document(environment, ["bench.py", "sweep", *argv])
     document["dataset"] = dataset.describe()
     document["sweep"] = {"presets": presets, "batch_sizes": args.batch_sizes,

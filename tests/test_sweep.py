@@ -154,9 +154,12 @@ def test_real_sweep_writes_results_and_chart(tmp_path):
     assert all(run["status"] == "ok" for run in document["runs"])
     assert document["sweep"]["steps"] == 4 and document["sweep"]["skipped"] == []
     assert document["threads"]["environment"]["OMP_NUM_THREADS"] == "1"
+    peak = document["environment"]["peak"]["gflops"]
+    assert peak is not None and peak > 0  # "% of peak" needs it (a sweep once lacked it)
     markdown = path.with_suffix(".md").read_text()
     for table in ("median ms per training step", "compile s", "achieved GFLOP/s"):
         assert f"## Sweep: {table}" in markdown
+    assert "(-%)" not in markdown
     for suffix in ("scaling", "compile", "gflops"):
         chart = path.with_name(f"sweep-{suffix}.png")
         assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
