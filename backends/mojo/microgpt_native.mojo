@@ -432,11 +432,11 @@ def rms16_backward[
 
 
 @always_inline
-def mm_forward[
-    dt: DType, IN: Int, OUT: Int, RES: Bool
+def mm_forward_residual[
+    dt: DType, IN: Int, OUT: Int
 ](y: Buf[dt], x: Buf[dt], wt: Buf[dt], res: Buf[dt], n: Int):
-    """Computes y[t, :OUT] = x[t, :IN] @ wt[IN, OUT] (+ res[t, :OUT]) for t < n rounded up
-    to 4 (the buffers have room; rows past n hold finite leftovers that nothing reads)."""
+    """Computes y[t, :OUT] = x[t, :IN] @ wt[IN, OUT] + res[t, :OUT] for t < n rounded up to 4
+    (the buffers have room; rows past n hold finite leftovers that nothing reads)."""
     var t = 0
     while t < n:
         var x0 = x.at(t * IN)
@@ -454,11 +454,10 @@ def mm_forward[
                 a1 += x1[i] * w
                 a2 += x2[i] * w
                 a3 += x3[i] * w
-            comptime if RES:
-                a0 += res.load[16](t * OUT + j * 16)
-                a1 += res.load[16]((t + 1) * OUT + j * 16)
-                a2 += res.load[16]((t + 2) * OUT + j * 16)
-                a3 += res.load[16]((t + 3) * OUT + j * 16)
+            a0 += res.load[16](t * OUT + j * 16)
+            a1 += res.load[16]((t + 1) * OUT + j * 16)
+            a2 += res.load[16]((t + 2) * OUT + j * 16)
+            a3 += res.load[16]((t + 3) * OUT + j * 16)
             y.store[16](t * OUT + j * 16, a0)
             y.store[16]((t + 1) * OUT + j * 16, a1)
             y.store[16]((t + 2) * OUT + j * 16, a2)
@@ -470,7 +469,7 @@ def mm_forward[
 def mm_forward_wide[
     dt: DType, IN: Int, OUT: Int, RELU: Bool
 ](y: Buf[dt], x: Buf[dt], wt: Buf[dt], n: Int):
-    """Like mm_forward without the residual, for OUT of several 16-lane blocks: a few
+    """Like mm_forward_residual without the residual, for OUT of several 16-lane blocks: a few
     positions at a time with every block of the row in registers, so each x[t, i] is read
     once rather than once per block (the same sums in the same order). With RELU,
     y = max(x @ wt, 0), applied in the registers: storing the product and then relu in a pass
@@ -1475,7 +1474,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
                 start += self.lengths[b]
             self.mark(3)
             var x_mid = fa.at(a + self.fl_xmid)
-            mm_forward[Self.dtype, FC, FC, True](
+            mm_forward_residual[Self.dtype, FC, FC](
                 x_mid, fa.at(a + self.fl_heads), wl.at(3 * FC * FC), x_in, n
             )
             self.mark(4)
@@ -1492,7 +1491,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             var x_out = fa.at(self.fo_xf)
             if layer + 1 < self.n_layer:
                 x_out = fa.at(a + self.fl_stride + self.fl_xin)
-            mm_forward[Self.dtype, FF, FC, True](
+            mm_forward_residual[Self.dtype, FF, FC](
                 x_out, act, wl.at(4 * FC * FC + FF * FC), x_mid, n
             )
             self.mark(7)
