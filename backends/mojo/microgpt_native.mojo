@@ -62,9 +62,7 @@ def view[dtype: DType](mut values: List[Scalar[dtype]]) -> Buf[dtype]:
 # ---- Adam's square root and division without the divider ---------------------------------------
 # vsqrt and vdiv of 512-bit vectors issue one every 6 to 16 cycles on the shared divider, and
 # Adam needs one of each per element: that was most of a step. Instead: the 14-bit hardware
-# estimates (vrsqrt14, vrcp14) refined by Newton steps on the FMA units, to within an ulp or
-# two (float64: two coupled steps for the root, one step plus a residual
-# correction for the quotient; float32: one step each).
+# estimates (vrsqrt14, vrcp14) refined by Newton steps on the FMA units (see adam_span).
 @always_inline
 def _rsqrt14[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w]:
     comptime if dt == DType.float32 and w == 16:
@@ -99,42 +97,6 @@ def _rcp14[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w]:
         )
     else:
         return 1 / x
-
-
-@always_inline
-def fast_sqrt[dt: DType, w: Int](x_in: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
-    """Returns sqrt(x) for x >= 0 to about an ulp. x below 1e-37 (float32) or 1e-200 (float64)
-    counts as that: its root is far below Adam's eps, the only thing it is added to, and the
-    Newton steps then never meet a subnormal (which costs a microcode assist each)."""
-    comptime tiny = 1e-37 if dt == DType.float32 else 1e-200
-    return fast_sqrt_normal(max(x_in, SIMD[dt, w](tiny)))
-
-
-@always_inline
-def fast_sqrt_normal[dt: DType, w: Int](x: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
-    """fast_sqrt for x that is normal and positive (Adam passes v / bc2 + tiny, which is:
-    one FMA instead of a product and a maximum)."""
-    var y = _rsqrt14(x)
-    var s = x * y
-    var h = y * 0.5
-    var r = 0.5 - s * h
-    s = s + s * r
-    comptime if dt == DType.float64:
-        h = h + h * r
-        r = 0.5 - s * h
-        s = s + s * r
-    return s
-
-
-@always_inline
-def fast_div[dt: DType, w: Int](a: SIMD[dt, w], d: SIMD[dt, w]) -> SIMD[dt, w] where dt.is_floating_point():
-    """Returns a / d for d > 0 to about an ulp."""
-    var r = _rcp14(d)
-    comptime if dt == DType.float64:
-        r = r + r * (1 - d * r)
-    var q = a * r
-    return q + r * (a - d * q)
-
 
 
 # ---- vector kernels (n is a runtime length; SIMD chunks, then a scalar tail) --------------------
@@ -1796,58 +1758,64 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         var g = view(self.grads)
         var m = view(self.adam_m)
         var v = view(self.adam_v)
+        # float64 keeps the moments divided by (1 - beta1) and (1 - beta2) (see
+        # moment_scales): each moment update is then one FMA, and the factors move into the
+        # constants.
+        var scaled = Self.dtype == DType.float64
+        var step = -step_size * one_minus_b1 if scaled else -step_size
+        var root_scale = one_minus_b2 * inv_bc2 if scaled else inv_bc2
+        # The update is p + m / d with d = c * (sqrt(x) + eps), c = 1 / step: c is folded into
+        # the root's Newton polynomial and eps, and the step costs one FMA.
+        var c = 1 / step
+        var half_c = SIMD[Self.dtype, Wd](0.5 * c)
+        var three_eighths_c = SIMD[Self.dtype, Wd](0.375 * c)
+        var eps_c = SIMD[Self.dtype, Wd](eps * c)
         var i = start
-        comptime if Self.dtype == DType.float64:
-            # The moments are kept divided by (1 - beta1) and (1 - beta2) (see moment_scales):
-            # each update is then one FMA, and the factors move into the constants.
-            var scaled_step = -step_size * one_minus_b1
-            var scaled_inv_bc2 = one_minus_b2 * inv_bc2
-            while i + Wd <= end:
-                var gi = g.load[Wd](i)
-                var mi = m.load[Wd](i).fma(b1, gi)
-                var vi = gi.fma(gi, v.load[Wd](i) * b2)
-                m.store[Wd](i, mi)
-                v.store[Wd](i, vi)
-                var x = vi.fma(scaled_inv_bc2, tiny)
-                # m / (sqrt(x) + eps) in 12 operations instead of 15: one third-order step
-                # each for the root and the quotient (relative error about 2^-40, from the
-                # 14-bit estimates; the parity tests see no difference).
-                var y = _rsqrt14(x)
-                var t = x * y
-                var r = 1 - t * y
-                var d = t.fma(r * r.fma(0.375, 0.5), t) + eps
-                var q0 = _rcp14(d)
-                var e = 1 - d * q0
-                var q = mi * q0
-                q = q.fma(e.fma(e, e), q)
-                p.store[Wd](i, q.fma(scaled_step, p.load[Wd](i)))
-                i += Wd
-            while i < end:
-                var gi = g[i]
-                var mi = m[i] * b1 + gi
-                var vi = v[i] * b2 + gi * gi
-                m[i] = mi
-                v[i] = vi
-                p[i] = p[i] + mi / (sqrt(vi * scaled_inv_bc2) + eps) * scaled_step
-                i += 1
-        else:
-            while i + Wd <= end:
-                var gi = g.load[Wd](i)
-                var mi = m.load[Wd](i) * b1 + gi * one_minus_b1
-                var vi = v.load[Wd](i) * b2 + gi * gi * one_minus_b2
-                m.store[Wd](i, mi)
-                v.store[Wd](i, vi)
-                var update = fast_div(mi, fast_sqrt_normal(vi.fma(inv_bc2, tiny)) + eps)
-                p.store[Wd](i, p.load[Wd](i) - update * step_size)
-                i += Wd
-            while i < end:
-                var gi = g[i]
-                var mi = m[i] * b1 + gi * one_minus_b1
-                var vi = v[i] * b2 + gi * gi * one_minus_b2
-                m[i] = mi
-                v[i] = vi
-                p[i] = p[i] - mi / (sqrt(vi * inv_bc2) + eps) * step_size
-                i += 1
+        while i + Wd <= end:
+            var gi = g.load[Wd](i)
+            var mi: SIMD[Self.dtype, Wd]
+            var vi: SIMD[Self.dtype, Wd]
+            comptime if Self.dtype == DType.float64:
+                mi = m.load[Wd](i).fma(b1, gi)
+                vi = gi.fma(gi, v.load[Wd](i) * b2)
+            else:
+                mi = m.load[Wd](i) * b1 + gi * one_minus_b1
+                vi = v.load[Wd](i) * b2 + gi * gi * one_minus_b2
+            m.store[Wd](i, mi)
+            v.store[Wd](i, vi)
+            var x = vi.fma(root_scale, tiny)
+            # Newton steps from the 14-bit estimates, third order for float64 (relative error
+            # about 2^-40; the parity tests see no difference) and second order for float32:
+            # t (1 + r / 2 + 3 r^2 / 8) is sqrt(x), q0 (1 + e + e^2) is 1 / d.
+            var y = _rsqrt14(x)
+            var t = x * y
+            var r = 1 - t * y
+            var d: SIMD[Self.dtype, Wd]
+            comptime if Self.dtype == DType.float64:
+                d = t.fma(r.fma(r.fma(three_eighths_c, half_c), c), eps_c)
+            else:
+                d = t.fma(r.fma(half_c, c), eps_c)
+            var q0 = _rcp14(d)
+            var e = 1 - d * q0
+            var q = q0.fma(e, q0)
+            comptime if Self.dtype == DType.float64:
+                q = q.fma(e, q0)
+            p.store[Wd](i, mi.fma(q, p.load[Wd](i)))
+            i += Wd
+        while i < end:
+            var gi = g[i]
+            var mi: Self.Scalar
+            var vi: Self.Scalar
+            comptime if Self.dtype == DType.float64:
+                mi = m[i] * b1 + gi
+                vi = v[i] * b2 + gi * gi
+            else:
+                mi = m[i] * b1 + gi * one_minus_b1
+                vi = v[i] * b2 + gi * gi * one_minus_b2
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] + mi / (sqrt(vi * root_scale) + eps) * step
+            i += 1
 
     def moment_scales(self) -> Tuple[Float64, Float64]:
         """What adam_m and adam_v hold times these is Adam's (m, v): float64 keeps them divided
