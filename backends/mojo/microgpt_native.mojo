@@ -1761,7 +1761,7 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
         # float64 keeps the moments divided by (1 - beta1) and (1 - beta2) (see
         # moment_scales): each moment update is then one FMA, and the factors move into the
         # constants.
-        var scaled = Self.dtype == DType.float64
+        comptime scaled = Self.dtype == DType.float64
         var step = -step_size * one_minus_b1 if scaled else -step_size
         var root_scale = one_minus_b2 * inv_bc2 if scaled else inv_bc2
         # The update is p + m / d with d = c * (sqrt(x) + eps), c = 1 / step: c is folded into
