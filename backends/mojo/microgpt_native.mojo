@@ -1784,9 +1784,10 @@ struct NativeModel[dtype: DType](Movable, Writable) where dtype.is_floating_poin
             m.store[Wd](i, mi)
             v.store[Wd](i, vi)
             var x = vi.fma(root_scale, tiny)
-            # Newton steps from the 14-bit estimates, third order for float64 (relative error
-            # about 2^-40; the parity tests see no difference) and second order for float32:
-            # t (1 + r / 2 + 3 r^2 / 8) is sqrt(x), q0 (1 + e + e^2) is 1 / d.
+            # Newton steps from the 14-bit estimates, with r = 1 - x y^2 and e = 1 - d q0:
+            # float64 takes sqrt(x) = t (1 + r / 2 + 3 r^2 / 8) and 1 / d = q0 (1 + e + e^2)
+            # (relative error about 2^-40; the parity tests see no difference), float32 stops
+            # at t (1 + r / 2) and q0 (1 + e).
             var y = _rsqrt14(x)
             var t = x * y
             var r = 1 - t * y
